@@ -1,0 +1,160 @@
+"""The class-conditional AR model: sizes, causality, label dropout, generate (k, CFG, KV cache), checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flextok.ar import ARConfig, ARModel, ar_preset, sample_logits
+from flextok.checkpoint import CheckpointError
+
+
+def tiny_ar(seed: int = 0, **overrides) -> ARModel:
+    torch.manual_seed(seed)
+    return ARModel(ar_preset("tiny", **overrides)).eval()
+
+
+@pytest.mark.parametrize(("name", "millions"), [("d10", 49), ("d12", 85), ("d16", 201), ("d30", 1327)])
+def test_preset_sizes_on_meta_device(name, millions):
+    with torch.device("meta"):
+        model = ARModel(ar_preset(name))
+    assert model.num_params() / 1e6 == pytest.approx(millions, rel=0.02)
+    assert model.num_params(embeddings=True) > model.num_params()  # + 64k-vocab embeddings and head
+    assert model.cfg.vocab_size == 64000 and model.cfg.max_tokens == 256
+
+
+def test_logits_are_causal():
+    model = tiny_ar()
+    labels = torch.tensor([3, 7])
+    tokens = torch.randint(0, 64000, (2, 20))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64000
+    a, b = model(labels, tokens), model(labels, changed)
+    assert a.shape == (2, 21, 64000)
+    torch.testing.assert_close(a[:, :11], b[:, :11])  # position i sees tokens < i only
+    assert not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+def test_label_dropout_only_in_training():
+    model = tiny_ar(class_dropout_prob=1.0)
+    labels = torch.tensor([1, 2, 3])
+    assert model.drop_labels(labels).tolist() == [1, 2, 3]  # eval mode
+    model.train()
+    assert model.drop_labels(labels).tolist() == [model.null_class] * 3
+
+
+def test_loss_falls_and_ignores_padding():
+    model = tiny_ar().train()
+    labels = torch.arange(4)
+    tokens = torch.randint(0, 64000, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model.loss(labels, tokens)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 2.0
+    model.eval()
+    lengths = torch.tensor([16, 8, 8, 1])
+    garbage = tokens.clone()
+    garbage[1:3, 8:] = 5
+    garbage[3, 1:] = 9
+    torch.testing.assert_close(model.loss(labels, tokens, lengths), model.loss(labels, garbage, lengths))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_kv_cache_equals_no_cache(cfg_scale):
+    model = tiny_ar()
+    labels = torch.tensor([0, 5, 999, 1000])
+
+    def run(use_cache: bool) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        return model.generate(labels, 32, cfg_scale, 1.0, 500, 0.95, g, use_cache=use_cache)
+
+    cached = run(True)
+    assert torch.equal(cached, run(False))
+    # and the logits themselves agree position by position
+    caches = model.new_caches(4, 32)
+    x = model.embed(labels, cached[:, :-1])
+    step_logits = torch.cat([model.transformer(x[:, i : i + 1], i, caches) for i in range(32)], dim=1)
+    torch.testing.assert_close(step_logits, model(labels, cached[:, :-1]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_generate_honours_k(k):
+    out = tiny_ar().generate(torch.tensor([1, 2]), num_tokens=k, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, k) and out.dtype == torch.long
+    assert int(out.min()) >= 0 and int(out.max()) < 64000
+
+
+def test_generate_rejects_bad_arguments():
+    model = tiny_ar()
+    with pytest.raises(ValueError, match="num_tokens"):
+        model.generate(torch.tensor([1]), num_tokens=33)
+    with pytest.raises(ValueError, match="labels"):
+        model.generate(torch.tensor([1001]), num_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(torch.tensor([1]), num_tokens=4, top_p=0.0)
+
+
+def test_cfg_mixes_conditional_and_unconditional_logits():
+    model = tiny_ar()
+    labels = torch.tensor([10, 20])
+    null = torch.full_like(labels, model.null_class)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    cond, uncond = model(labels, empty)[:, -1], model(null, empty)[:, -1]
+    expected = (uncond + 4.0 * (cond - uncond)).argmax(-1)
+    assert torch.equal(model.generate(labels, 1, cfg_scale=4.0, temperature=0)[:, 0], expected)
+    # scale 0 is the unconditional model, scale 1 the conditional one
+
+    def g() -> torch.Generator:
+        return torch.Generator().manual_seed(3)
+
+    assert torch.equal(model.generate(labels, 8, cfg_scale=0.0, generator=g()), model.generate(null, 8, generator=g()))
+    assert not torch.equal(model.generate(labels, 8, generator=g()), model.generate(null, 8, generator=g()))
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_logits(logits, top_k=1, generator=g).tolist()) == {0}
+    assert set(sample_logits(logits, top_p=0.7, generator=g).tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_k=3, generator=g).tolist()) == {0, 1, 2}
+    share = (sample_logits(logits, generator=g) == 0).float().mean().item()
+    assert share == pytest.approx(0.5, abs=0.05)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    model = tiny_ar(seed=4)
+    model.save_pretrained(tmp_path / "ar")
+    loaded = ARModel.from_pretrained(tmp_path / "ar")
+    assert loaded.cfg == model.cfg
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["config"].update(evil="__import__('os')"), "unknown AR config key"),
+        (lambda c: c["config"].update(depth="2"), "must be int"),
+        (lambda c: c["config"].update(depth=3), "missing tensors"),
+        (lambda c: c.update(format="something-else"), "not an AR checkpoint"),
+    ],
+)
+def test_checkpoint_config_is_checked(tmp_path, edit, message):
+    tiny_ar().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        ARModel.from_pretrained(tmp_path)
+
+
+def test_config_from_dict_roundtrip():
+    cfg = ar_preset("d12", num_classes=10)
+    assert ARConfig.from_dict(cfg.to_dict()) == cfg
