@@ -267,7 +267,7 @@ def official_to_config(cfg: dict, vae_arch: dict | None) -> FlexTokConfig:
     # VAE
     v = cfg["vae"]
     C = int(v.get("latent_channels", 16))
-    arch = {k: val for k, val in (vae_arch or {**SD_VAE_ARCH, "scaling_factor": None}).items() if k in VAE_ARCH_KEYS}
+    arch = {k: val for k, val in (vae_arch or SD_VAE_ARCH).items() if k in VAE_ARCH_KEYS}
     arch.pop("latent_channels", None)
     downsample = 2 ** (len(arch["down_block_types"]) - 1)
     vae = VAEConfig(
@@ -365,6 +365,10 @@ def config_to_official(cfg: FlexTokConfig, hf_hub_path: str | None = "vae") -> d
     def t(name: str, **kw: Any) -> dict:
         return {"_target_": name, **kw}
 
+    def non_default(**kw: Any) -> dict:  # settings the release leaves out when they have its default value
+        defaults = {"mlp_ratio": 4.0, "frequency_embedding_size": 256}
+        return {k: v for k, v in kw.items() if v != defaults[k]}
+
     encoder = {
         "enc_channels_to_last": t(
             P + "utils.dict_ops.PerSampleOp",
@@ -419,7 +423,7 @@ def config_to_official(cfg: FlexTokConfig, hf_hub_path: str | None = "vae") -> d
             dim=e.dim,
             depth=e.depth,
             head_dim=e.head_dim,
-            mlp_ratio=e.mlp_ratio,
+            **non_default(mlp_ratio=e.mlp_ratio),
             block_mask_read_key="enc_block_mask",
         ),
         "enc_unpacker": t(
@@ -510,7 +514,7 @@ def config_to_official(cfg: FlexTokConfig, hf_hub_path: str | None = "vae") -> d
             timesteps_read_key="timesteps",
             time_embedding_write_key="dec_temb",
             dim=d.dim,
-            frequency_embedding_size=d.time_freq_dim,
+            **non_default(frequency_embedding_size=d.time_freq_dim),
             max_timestep=1.0,
         ),
         "dec_transformer": t(
@@ -520,7 +524,7 @@ def config_to_official(cfg: FlexTokConfig, hf_hub_path: str | None = "vae") -> d
             dim=d.dim,
             depth=d.depth,
             head_dim=d.head_dim,
-            mlp_ratio=d.mlp_ratio,
+            **non_default(mlp_ratio=d.mlp_ratio),
             block_mask_read_key="dec_block_mask",
             adaLN_emb_read_key="dec_temb",
             adaLN_packing_fn_read_key="dec_emb_packing_fn",

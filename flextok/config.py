@@ -23,7 +23,6 @@ SD_VAE_ARCH: dict[str, Any] = {
     "act_fn": "silu",
     "norm_num_groups": 32,
     "sample_size": 256,
-    "scaling_factor": None,
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
