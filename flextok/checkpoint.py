@@ -836,12 +836,13 @@ def save_pretrained(model: Any, directory: str | Path) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_official(model: Any, directory: str | Path) -> None:
+def save_official(model: Any, directory: str | Path, vae_hub_path: str = "vae") -> None:
     """Write the official layout (hydra config.json, official tensor names, vae/config.json), as the
-    release's `FlexTokFromHub.from_pretrained` reads it. Used to test the importer on other sizes."""
+    release's `FlexTokFromHub.from_pretrained` reads it. Used to test the importer on other sizes.
+    `vae_hub_path` is what the config names as the VAE: the subfolder "vae" (written here) or a hub id."""
     directory = Path(directory)
     (directory / "vae").mkdir(parents=True, exist_ok=True)
-    cfg = config_to_official(model.cfg, hf_hub_path="vae")
+    cfg = config_to_official(model.cfg, hf_hub_path=vae_hub_path)
     tensors = ours_state_dict_to_official(model)
     metadata = {k: repr(v) for k, v in cfg.items()}
     save_file({k: v.cpu() for k, v in tensors.items()}, str(directory / "model.safetensors"), metadata=metadata)

@@ -227,3 +227,31 @@ def test_weights_digest_changes_with_any_weight(tiny_model):
 def test_pixel_models_cannot_be_exported_to_the_official_format(tmp_path):
     with pytest.raises(CheckpointError, match="pixel"):
         save_official(FlexTok(preset("tiny")), tmp_path)
+
+
+def test_hub_ids_resolve_through_the_huggingface_cache(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub (here served from local files: no network in tests),
+    and so does the VAE config that the official config names by hub id."""
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    model = perturbed(FlexTok(other_sized_kl_config()))
+    save_official(model, tmp_path / "snapshot", vae_hub_path="EPFL-VILAB/flextok_vae_c4")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **_):
+        calls.append(("snapshot", repo_id, tuple(allow_patterns)))
+        return str(tmp_path / "snapshot")
+
+    def hf_hub_download(repo_id, filename, **_):
+        calls.append(("file", repo_id, filename))
+        return str(tmp_path / "snapshot" / "vae" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    loaded = FlexTok.from_pretrained("EPFL-VILAB/flextok_d12_d12_in1k")
+    assert calls == [
+        ("snapshot", "EPFL-VILAB/flextok_d12_d12_in1k", ("config.json", "model.safetensors")),
+        ("file", "EPFL-VILAB/flextok_vae_c4", "config.json"),
+    ]
+    assert weights_digest(loaded.state_dict()) == weights_digest(model.state_dict())
