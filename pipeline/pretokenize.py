@@ -1,0 +1,381 @@
+"""Pretokenization: input shards -> decode (Ray tasks) -> tokenize (a pool of actors) -> commit per shard.
+
+    cfg = PretokenizeConfig(model="ckpt/", inputs=["shards/*.tar"], output="corpus/")
+    summary = run_pretokenize(cfg)
+
+The plan, top to bottom:
+    one row per input shard still to do
+    -> read_units (CPU tasks): records -> RGB -> ADM crop -> augmentation views; bad records become error
+       rows; each shard ends with a trailer row that says how many rows it sent
+    -> TokenizeActor (ActorPoolStrategy, one model each, GPU when asked): images -> tokens[:, :K]
+    -> the driver: gathers each shard's rows; when all have arrived it commits the shard (corpus.commit_unit).
+
+Exactly once: the unit of work is an input shard. A shard's rows count only once its marker exists, and its
+files have names fixed by the shard, so a rerun skips committed shards, rewrites uncommitted ones in place,
+and never duplicates. Rows are deduplicated by (record, aug) before commit, so a retried batch (an actor that
+died) cannot add a row twice, and sorted, so files are the same whatever order Ray delivers them in.
+Tokens are ~0.5% of the image bytes, so one committer on the driver is not a bottleneck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .corpus import (
+    MANIFEST,
+    SCHEMA,
+    TMP_DIR,
+    CorpusMeta,
+    commit_unit,
+    join,
+    output_fs,
+    read_markers,
+    write_summary,
+)
+from .preprocess import AUGMENT_MODES, PREPROCESSING, to_model_input
+from .sources import InputShard, _batched, decode_records, expand_inputs
+
+# Rows between the stages: decoded images (binary, R*R*3 bytes) in, token lists out. Error rows carry
+# error_class/error and no image; the trailer row of a shard carries `expected` (its number of other rows).
+_COMMON = [
+    ("unit", pa.string()),
+    ("record", pa.int32()),
+    ("key", pa.string()),
+    ("label", pa.int32()),
+    ("source", pa.string()),
+    ("aug", pa.int16()),
+    ("error_class", pa.string()),
+    ("error", pa.string()),
+    ("expected", pa.int64()),
+]
+IMAGES_SCHEMA = pa.schema(_COMMON + [("image", pa.binary())])
+TOKENS_SCHEMA = pa.schema(_COMMON + [("tokens", pa.list_(pa.uint16()))])
+
+
+@dataclass
+class PretokenizeConfig:
+    model: str  # checkpoint folder or hub id
+    inputs: list[str]  # URLs or globs: .tar shards, .parquet files, image folders
+    output: str  # output folder URL
+    resolution: int | None = None  # default: the model's image size (the only one it accepts)
+    batch_size: int = 64  # images per tokenize call
+    num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    concurrency: int | None = None  # tokenizer actors; None: the cluster's GPUs (at least 1)
+    cpus_per_worker: float = 1.0  # CPUs reserved per tokenizer actor
+    torch_threads: int | None = None  # torch threads per actor on CPU; None: cpus_per_worker
+    num_tokens: int | None = None  # store each sequence's first K tokens; None: all
+    augment: str = "none"  # none | random-flip | flip | tencrop (pipeline.preprocess)
+    labels: str | None = None  # labels CSV for folder inputs (default: the folder's labels.csv)
+    rows_per_file: int = 100_000  # upper bound on rows per data file (a shard's rows never share a file)
+    folder_chunk: int = 1000  # images per unit of work when an input is a folder
+    block_rows: int = 64  # decoded images per block leaving a read task
+
+
+@dataclass
+class Summary:
+    shards: int = 0  # input shards in this run's plan
+    skipped: int = 0  # already committed before this run
+    committed: int = 0  # committed by this run
+    rows: int = 0  # rows written by this run
+    failed: int = 0  # bad records found by this run
+    seconds: float = 0.0
+    manifest: dict = field(default_factory=dict)
+
+
+class JobInputError(ValueError):
+    """The configuration or the output folder does not allow the job to run (one-line reason)."""
+
+
+# ------------------------------------------------------------------------------------------ stages
+def read_units(batch: pa.Table, resolution: int, augment: str, block_rows: int) -> Iterator[pa.Table]:
+    """Ray Data task: rows (unit, shard JSON) -> image tables of at most `block_rows` rows + one trailer."""
+    for unit, text in zip(batch.column("unit").to_pylist(), batch.column("shard").to_pylist(), strict=True):
+        sent = 0
+        for chunk in _batched(decode_records(InputShard.from_json(text), resolution, augment), block_rows):
+            yield pa.Table.from_pylist([_image_row(unit, r) for r in chunk], schema=IMAGES_SCHEMA)
+            sent += len(chunk)
+        trailer = {"unit": unit, "record": -1, "key": "", "source": "", "aug": 0, "expected": sent}
+        yield pa.Table.from_pylist([trailer], schema=IMAGES_SCHEMA)
+
+
+def _image_row(unit: str, r) -> dict:
+    image = None if r.image is None else r.image.tobytes()
+    return {
+        "unit": unit,
+        "record": r.record,
+        "key": r.key,
+        "label": r.label,
+        "source": r.source,
+        "aug": r.aug,
+        "error_class": r.error_class,
+        "error": r.error,
+        "image": image,
+    }
+
+
+class TokenizeActor:
+    """Ray Data actor: holds one FlexTok; image rows -> token rows (other rows pass through)."""
+
+    def __init__(self, model: str, resolution: int, num_tokens: int, use_gpu: bool, torch_threads: int | None):
+        import torch
+
+        from flextok import FlexTok
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = FlexTok.from_pretrained(model, map_location=device).eval()
+        self.resolution, self.num_tokens = resolution, num_tokens
+
+    def tokenize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [B, R, R, 3] -> uint16 [B, K]."""
+        tokens = self.model.tokenize(to_model_input(images))  # [B, n] int64
+        return tokens[:, : self.num_tokens].cpu().numpy().astype(np.uint16)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        R, K, n = self.resolution, self.num_tokens, batch.num_rows
+        has_image = pc.is_valid(batch.column("image"))
+        mask = has_image.to_numpy(zero_copy_only=False)  # [n] bool
+        tokens = np.zeros((n, K), np.uint16)  # rows without an image stay null in the output
+        if mask.any():
+            raw = b"".join(batch.column("image").filter(has_image).to_pylist())
+            tokens[mask] = self.tokenize(np.frombuffer(raw, np.uint8).reshape(-1, R, R, 3))
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * K)
+        column = pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1)), mask=pa.array(~mask))
+        out = batch.drop_columns(["image"])
+        return out.append_column(TOKENS_SCHEMA.field("tokens"), column).cast(TOKENS_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------ planning
+def unit_name(shard: InputShard) -> str:
+    """File-name-safe, stable name of a shard's unit of work: readable stem + hash of the shard id."""
+    base = posixpath.basename(shard.url.rstrip("/"))
+    for suffix in (".tar.gz", ".tgz", ".tar", ".parquet"):
+        base = base.removesuffix(suffix)
+    if shard.kind == "folder":
+        base += f"-{shard.index:06d}"
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:60]
+    return f"{base}-{hashlib.sha1(shard.id.encode()).hexdigest()[:10]}"
+
+
+def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
+    """Load the model once on the driver: its identity and sizes, checked against the configuration."""
+    from flextok import FlexTok
+    from flextok.checkpoint import weights_digest
+
+    model = FlexTok.from_pretrained(cfg.model)
+    size, n = model.cfg.image_size, model.num_registers
+    if cfg.resolution is not None and cfg.resolution != size:
+        raise JobInputError(f"--resolution {cfg.resolution}: the model {cfg.model} takes {size}x{size} images")
+    if cfg.num_tokens is not None and not 1 <= cfg.num_tokens <= n:
+        raise JobInputError(f"--num-tokens {cfg.num_tokens}: the model makes {n} tokens, so 1 <= K <= {n}")
+    if model.codebook_size > 65536:
+        raise JobInputError(f"codebook size {model.codebook_size} does not fit the corpus's uint16 tokens")
+    if cfg.augment not in AUGMENT_MODES:
+        raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
+    name = Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model
+    return CorpusMeta(
+        tokenizer=name,
+        tokenizer_sha256=weights_digest(model.state_dict()),
+        codebook_size=model.codebook_size,
+        num_registers=n,
+        num_tokens=cfg.num_tokens or n,
+        resolution=size,
+        augment=cfg.augment,
+        preprocessing=PREPROCESSING,
+    )
+
+
+def check_output(markers: dict[str, dict], units: dict[str, InputShard], meta: CorpusMeta, output: str) -> None:
+    """Committed units must come from the same tokenizer and settings, and folder chunks from the same files."""
+    want = meta.to_kv()
+    for unit, marker in markers.items():
+        if marker["metadata"] != want:
+            diff = sorted(k for k in want if marker["metadata"].get(k) != want[k])
+            raise JobInputError(
+                f"{output} holds shards written with other settings ({', '.join(diff)}); use a new --output"
+            )
+        if unit in units and marker["digest"] != units[unit].digest:
+            raise JobInputError(
+                f"{units[unit].url}: its files changed since the shard {unit} was committed; use a new --output"
+            )
+
+
+def _remove_stale(fs, root: str, todo: list[str]) -> None:
+    """Drop what a crashed run left: its temporary files and data files of units without a marker."""
+    if fs.exists(join(root, TMP_DIR)):
+        fs.rm(join(root, TMP_DIR), recursive=True)
+    for unit in todo:
+        for path in fs.glob(join(root, "data", f"{unit}-[0-9][0-9][0-9][0-9].parquet")):
+            fs.rm(path)
+
+
+def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, meta: CorpusMeta, actor_cls: type):
+    """The Ray Data plan for the shards still to do."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = cfg.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus > 0 else 0.0
+    actors = cfg.concurrency or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
+    items = [{"unit": unit, "shard": shard.to_json()} for unit, shard in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    read_kwargs = {"resolution": meta.resolution, "augment": cfg.augment, "block_rows": cfg.block_rows}
+    # The memory request (about three copies of a block of decoded views) also keeps Ray from fusing decoding
+    # into the tokenizer actors, which it does for stages with equal resource requests.
+    block_bytes = 3 * cfg.block_rows * meta.resolution**2 * 3
+    ds = ds.map_batches(
+        read_units, batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs, num_cpus=1, memory=block_bytes
+    )
+    actor_kwargs = {
+        "model": cfg.model,
+        "resolution": meta.resolution,
+        "num_tokens": meta.num_tokens,
+        "use_gpu": gpus > 0,
+        "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
+    }
+    return ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=actor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_gpus=gpus,
+        num_cpus=cfg.cpus_per_worker,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the job
+class _Gather:
+    """Per-unit buffers on the driver: token/error rows deduplicated by (record, aug), and the number of
+    rows the unit's trailer announced."""
+
+    def __init__(self):
+        self.tables: dict[str, list[pa.Table]] = {}
+        self.seen: dict[str, set[tuple[int, int]]] = {}
+        self.expected: dict[str, int] = {}
+
+    def add(self, batch: pa.Table) -> list[str]:
+        """Take a block of token rows; return the units it completed."""
+        units = batch.column("unit").unique().to_pylist()
+        for unit in units:
+            rows = batch.filter(pc.equal(batch.column("unit"), unit))
+            trailer = pc.is_valid(rows.column("expected"))
+            for n in rows.filter(trailer).column("expected").to_pylist():
+                self.expected[unit] = n
+            rows = rows.filter(pc.invert(trailer))
+            seen = self.seen.setdefault(unit, set())
+            fresh = []
+            for record, aug in zip(rows.column("record").to_pylist(), rows.column("aug").to_pylist(), strict=True):
+                fresh.append((record, aug) not in seen)
+                seen.add((record, aug))
+            self.tables.setdefault(unit, []).append(rows.filter(pa.array(fresh, pa.bool_())))
+        return [u for u in units if self.expected.get(u) == len(self.seen.get(u, ()))]
+
+    def pop(self, unit: str) -> pa.Table:
+        """All rows of a completed unit, in (record, aug) order."""
+        self.expected.pop(unit)
+        self.seen.pop(unit, None)
+        tables = self.tables.pop(unit, [])
+        table = pa.concat_tables(tables) if tables else TOKENS_SCHEMA.empty_table()
+        return table.sort_by([("record", "ascending"), ("aug", "ascending")])
+
+
+def _corpus_rows(rows: pa.Table) -> pa.Table:
+    """The good rows of a unit in the corpus schema."""
+    good = rows.filter(pc.is_null(rows.column("error")))
+    num = pc.cast(pc.list_value_length(good.column("tokens")), pa.int16())
+    columns = {name: good.column(name) for name in ("key", "label", "tokens", "source", "aug")}
+    return pa.table({**columns, "num_tokens": num}).select(SCHEMA.names).cast(SCHEMA)
+
+
+def run_pretokenize(
+    cfg: PretokenizeConfig,
+    log: Callable[[str], None] = print,
+    on_commit: Callable[[str, dict], None] | None = None,
+    actor_cls: type = TokenizeActor,
+) -> Summary:
+    """Run (or resume) the job; returns what this run did. `on_commit(unit, marker)` is called after each
+    shard is committed; `actor_cls` replaces the tokenizer actor (e.g. for fault-injection tests)."""
+    import ray
+
+    t0 = time.perf_counter()
+    if not cfg.inputs:
+        raise JobInputError("no --input given")
+    if cfg.rows_per_file < 1 or cfg.batch_size < 1 or cfg.folder_chunk < 1:
+        raise JobInputError("--rows-per-file, --batch-size and --folder-chunk must be positive")
+    meta = tokenizer_meta(cfg)
+    shards = expand_inputs(cfg.inputs, cfg.labels, cfg.folder_chunk)
+    units = {unit_name(s): s for s in shards}
+    fs, root = output_fs(cfg.output)
+    markers = read_markers(fs, root)
+    check_output(markers, units, meta, cfg.output)
+    todo = [(u, s) for u, s in units.items() if u not in markers]
+    summary = Summary(shards=len(units), skipped=len(units) - len(todo))
+    others = sorted(set(markers) - set(units))
+    if others:
+        log(f"[pretokenize] note: {len(others)} committed shard(s) in {cfg.output} are not among these inputs")
+    log(f"[pretokenize] {len(units)} input shard(s): {summary.skipped} already committed, {len(todo)} to do")
+    if not todo and fs.exists(join(root, MANIFEST)):
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    if fs.exists(join(root, MANIFEST)):
+        fs.rm(join(root, MANIFEST))  # the output is incomplete until this run ends
+    _remove_stale(fs, root, [u for u, _ in todo])
+    if todo:
+        if not ray.is_initialized():
+            ray.init()
+        gather, last_log = _Gather(), 0.0
+        ds = build_dataset(todo, cfg, meta, actor_cls)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for unit in gather.add(batch):
+                marker = _commit(fs, root, unit, units[unit], gather.pop(unit), meta, cfg)
+                markers[unit] = marker
+                summary.committed += 1
+                summary.rows += marker["written"]
+                summary.failed += marker["failed"]
+                if on_commit is not None:
+                    on_commit(unit, marker)
+                now = time.perf_counter()
+                if now - last_log > 2.0 or summary.committed == len(todo):
+                    rate = summary.rows / max(now - t0, 1e-9)
+                    log(
+                        f"[pretokenize] {summary.committed}/{len(todo)} shards committed, {summary.rows} rows, "
+                        f"{summary.failed} bad records, {rate:.1f} rows/s"
+                    )
+                    last_log = now
+        missing = [u for u, _ in todo if u not in markers]
+        if missing:
+            raise RuntimeError(f"{len(missing)} shard(s) did not complete, e.g. {missing[:3]}; rerun to resume")
+    summary.manifest = write_summary(fs, root, read_markers(fs, root), meta)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _commit(fs, root, unit: str, shard: InputShard, rows: pa.Table, meta: CorpusMeta, cfg) -> dict:
+    bad = rows.filter(pc.is_valid(rows.column("error")))
+    errors = [
+        {"key": r["key"], "source": r["source"], "error_class": r["error_class"], "message": r["error"]}
+        for r in bad.select(["key", "source", "error_class", "error"]).to_pylist()
+    ]
+    marker = {
+        "url": shard.url,
+        "kind": shard.kind,
+        "index": shard.index,
+        "digest": shard.digest,
+        "read": len(pc.unique(rows.column("record"))),
+        "failed": len(errors),
+        "errors": errors,
+    }
+    return commit_unit(fs, root, unit, _corpus_rows(rows), meta, cfg.rows_per_file, marker)
