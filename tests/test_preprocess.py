@@ -1,0 +1,206 @@
+"""Preprocessing: decoding to RGB (modes, EXIF, bad bytes), the ADM center crop, augmentation, model input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.preprocess import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    augment_ids,
+    augmented_views,
+    center_crop_adm,
+    decode_image,
+    random_flip_choice,
+    to_model_input,
+)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries no pixel data: what a decompression bomb looks like
+    to a decoder that checks sizes first."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def reference_center_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """guided-diffusion's image_datasets.center_crop_arr, verbatim in substance."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def test_decode_real_jpeg_is_rgb(imagenet_sample: Path):
+    data = (imagenet_sample / "n01440764_tench.JPEG").read_bytes()
+    img = decode_image(data)
+    assert img.mode == "RGB"
+    assert img.size == Image.open(io.BytesIO(data)).size
+
+
+def test_decode_grayscale_jpeg_repeats_the_gray_channel(imagenet_sample: Path):
+    data = (imagenet_sample / "n04008634_projectile.JPEG").read_bytes()
+    assert Image.open(io.BytesIO(data)).mode == "L"
+    arr = np.asarray(decode_image(data))
+    assert arr.shape[2] == 3
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+
+
+def test_decode_cmyk_jpeg():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    arr = np.asarray(decode_image(encode(cmyk, "JPEG", quality=95)))
+    assert arr.shape == (16, 16, 3)
+    assert arr[..., 0].mean() > 200 and arr[..., 1].mean() < 60 and arr[..., 2].mean() < 60
+
+
+def test_decode_rgba_composites_over_white():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, :4] = (255, 0, 0, 255)  # opaque red on the left, fully transparent black on the right
+    arr = np.asarray(decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG")))
+    assert (arr[:, :4] == (255, 0, 0)).all()
+    assert (arr[:, 4:] == 255).all()
+
+
+def test_decode_palette_with_transparency_composites_over_white():
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    img.putpixel((0, 0), 1)
+    arr = np.asarray(decode_image(encode(img, "PNG", transparency=0)))
+    assert tuple(arr[0, 0]) == (0, 255, 0)
+    assert (arr[1:, :] == 255).all()
+
+
+def test_decode_16bit_gray_scales_to_8bit():
+    values = np.array([[0, 257 * 128, 65535, 257]], np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode.startswith("I;16")
+    arr = np.asarray(decode_image(encode(img, "PNG")))
+    assert arr[0, :, 0].tolist() == [0, 128, 255, 1]
+
+
+def test_decode_applies_exif_orientation():
+    arr = np.zeros((20, 40, 3), np.uint8)  # wide: 40 x 20
+    arr[:, :20] = (255, 0, 0)  # left half red
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (20, 40)  # displayed portrait
+    shown = np.asarray(out)
+    assert shown[:20, :, 0].mean() > 200 and shown[20:, :, 0].mean() < 60  # red ends up on top
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"this is not an image at all", "cannot decode"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "cannot decode"),
+    ],
+)
+def test_decode_rejects_bad_bytes(data: bytes, reason: str):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(data)
+
+
+def test_decode_rejects_truncated_jpeg(imagenet_sample: Path):
+    data = (imagenet_sample / "n01440764_tench.JPEG").read_bytes()
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # 1.1x and 4.5x PIL's MAX_IMAGE_PIXELS
+def test_decode_rejects_decompression_bombs(side: int):
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLargeError):
+        decode_image(png_header_only(side, side))
+
+
+# ------------------------------------------------------------------------------------------ cropping
+@pytest.mark.parametrize(
+    "name",
+    ["n01440764_tench.JPEG", "n04008634_projectile.JPEG", "n03109150_corkscrew.JPEG", "n04254120_soap_dispenser.JPEG"],
+)
+@pytest.mark.parametrize("resolution", [32, 256])
+def test_center_crop_matches_guided_diffusion(imagenet_sample: Path, name: str, resolution: int):
+    img = decode_image((imagenet_sample / name).read_bytes())
+    out = center_crop_adm(img, resolution)
+    assert out.dtype == np.uint8 and out.shape == (resolution, resolution, 3)
+    np.testing.assert_array_equal(out, reference_center_crop(img, resolution))
+
+
+def test_center_crop_upsamples_small_images(imagenet_sample: Path):
+    small = Image.new("RGB", (97, 135), (10, 20, 30))
+    out = center_crop_adm(small, 256)
+    assert out.shape == (256, 256, 3)
+    assert (out == (10, 20, 30)).all()
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+def test_flip_view_is_the_mirror_of_the_center_crop(imagenet_sample: Path):
+    img = decode_image((imagenet_sample / "n01440764_tench.JPEG").read_bytes())
+    center, flipped = augmented_views(img, 32, (0, 1))
+    np.testing.assert_array_equal(center, center_crop_adm(img, 32))
+    np.testing.assert_array_equal(flipped, center[:, ::-1])
+
+
+def test_ten_crop_views(imagenet_sample: Path):
+    img = decode_image((imagenet_sample / "n01440764_tench.JPEG").read_bytes())
+    views = augmented_views(img, 32, augment_ids("tencrop", "k"))
+    assert len(views) == 10 and all(v.shape == (32, 32, 3) for v in views)
+    big = center_crop_adm(img, int(32 * 1.1))  # 35 x 35
+    np.testing.assert_array_equal(views[0], big[:32, :32])  # top-left
+    np.testing.assert_array_equal(views[3], big[-32:, -32:])  # bottom-right
+    for plain, flipped in zip(views[:5], views[5:], strict=True):
+        np.testing.assert_array_equal(flipped, plain[:, ::-1])
+    assert len({v.tobytes() for v in views}) == 10
+
+
+def test_random_flip_is_a_reproducible_fair_coin(imagenet_sample: Path):
+    keys = [p.stem for p in imagenet_sample.glob("*.JPEG")]
+    choices = [random_flip_choice(k) for k in keys]
+    assert choices == [random_flip_choice(k) for k in keys]
+    assert 0.35 < np.mean(choices) < 0.65
+    assert augment_ids("random-flip", keys[0]) == (choices[0],)
+
+
+def test_unknown_augment_mode_is_an_error():
+    with pytest.raises(ValueError, match="unknown augment mode"):
+        augment_ids("mixup", "k")
+
+
+# ------------------------------------------------------------------------------------------ model input
+def test_to_model_input_scales_and_transposes():
+    batch = np.zeros((2, 4, 4, 3), np.uint8)
+    batch[0, 1, 2] = (255, 0, 128)
+    x = to_model_input(batch)
+    assert x.dtype.is_floating_point and tuple(x.shape) == (2, 3, 4, 4)
+    assert x[0, :, 1, 2].tolist() == pytest.approx([1.0, -1.0, 128 / 127.5 - 1], abs=1e-6)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_to_model_input_rejects_wrong_layout():
+    with pytest.raises(ValueError, match="uint8"):
+        to_model_input(np.zeros((2, 3, 4, 4), np.uint8))
