@@ -10,12 +10,15 @@ imported only when their command runs, which keeps `flextok --help` fast.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
+from typing import NoReturn
 
-from jobs.common import run_main
+from jobs.common import JobError, run_main
 
 # command words -> (job module, one-line summary)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -60,16 +63,25 @@ def resolve(argv: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
 
 
 @contextmanager
-def program_name(name: str) -> Iterator[None]:
-    """argparse names the program after sys.argv[0]: show `flextok eval sweep`, not `eval_sweep.py`."""
-    saved = sys.argv[0] if sys.argv else ""
-    if not sys.argv:
-        sys.argv.append(name)
-    sys.argv[0] = name
+def program_name(module: ModuleType, prog: str) -> Iterator[None]:
+    """Name the parser the job's `main` builds `flextok eval sweep`, and make its usage errors one line."""
+    build = module.build_parser
+
+    def build_named() -> argparse.ArgumentParser:
+        parser = build()
+        parser.prog = prog
+
+        def one_line_error(message: str) -> NoReturn:
+            raise JobError(f"{message} (see '{prog} --help')")
+
+        parser.error = one_line_error
+        return parser
+
+    module.build_parser = build_named
     try:
         yield
     finally:
-        sys.argv[0] = saved
+        module.build_parser = build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: '{PROG} {' '.join(words)}' is not available: {module_name} is missing", file=sys.stderr)
         return 2
-    with program_name(f"{PROG} {' '.join(words)}"):
+    with program_name(module, f"{PROG} {' '.join(words)}"):
         try:
             return run_main(module.main, rest)
-        except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        except SystemExit as e:  # argparse's --help
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
