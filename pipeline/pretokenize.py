@@ -148,7 +148,7 @@ class TokenizeActor:
         mask = has_image.to_numpy(zero_copy_only=False)  # [n] bool
         tokens = np.zeros((n, K), np.uint16)  # rows without an image stay null in the output
         if mask.any():
-            raw = b"".join(batch.column("image").filter(has_image).to_pylist())
+            raw = bytearray(b"".join(batch.column("image").filter(has_image).to_pylist()))  # writable for torch
             tokens[mask] = self.tokenize(np.frombuffer(raw, np.uint8).reshape(-1, R, R, 3))
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * K)
         column = pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1)), mask=pa.array(~mask))
