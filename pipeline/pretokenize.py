@@ -358,6 +358,7 @@ def run_pretokenize(
         missing = [u for u, _ in todo if u not in markers]
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) did not complete, e.g. {missing[:3]}; rerun to resume")
+    _remove_stale(fs, root, [])
     summary.manifest = write_summary(fs, root, read_markers(fs, root), meta)
     summary.seconds = time.perf_counter() - t0
     return summary
