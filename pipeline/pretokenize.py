@@ -89,6 +89,7 @@ class Summary:
     rows: int = 0  # rows written by this run
     failed: int = 0  # bad records found by this run
     seconds: float = 0.0
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (unix time, token rows) per block received
     manifest: dict = field(default_factory=dict)
 
 
@@ -232,11 +233,11 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
     items = [{"unit": unit, "shard": shard.to_json()} for unit, shard in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     read_kwargs = {"resolution": meta.resolution, "augment": cfg.augment, "block_rows": cfg.block_rows}
-    # The memory request (about three copies of a block of decoded views) also keeps Ray from fusing decoding
-    # into the tokenizer actors, which it does for stages with equal resource requests.
-    block_bytes = 3 * cfg.block_rows * meta.resolution**2 * 3
+    # The memory request (a worker with its libraries, ~400 MiB measured, plus a few blocks of decoded views)
+    # also keeps Ray from fusing decoding into the tokenizer actors, as it does for equal resource requests.
+    memory = 512 * 2**20 + 3 * cfg.block_rows * meta.resolution**2 * 3
     ds = ds.map_batches(
-        read_units, batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs, num_cpus=1, memory=block_bytes
+        read_units, batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs, num_cpus=1, memory=memory
     )
     actor_kwargs = {
         "model": cfg.model,
@@ -339,6 +340,8 @@ def run_pretokenize(
         gather, last_log = _Gather(), 0.0
         ds = build_dataset(todo, cfg, meta, actor_cls)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            token_rows = batch.num_rows - batch.column("tokens").null_count
+            summary.arrivals.append((time.time(), token_rows))
             for unit in gather.add(batch):
                 marker = _commit(fs, root, unit, units[unit], gather.pop(unit), meta, cfg)
                 markers[unit] = marker

@@ -1,0 +1,189 @@
+"""Pretokenization: the Ray Data job vs a bare PyTorch loop on the same images, and bytes per token.
+
+    .venv/bin/python bench/pretokenize.py                 # d12_d12 at 256x256 on CPU, 16 images
+    .venv/bin/python bench/pretokenize.py --images 64 --batch-size 16
+
+Throughput: the same images (ImageNet sample, as webdataset shards) are tokenized (a) by the job on the local
+Ray cluster (decode in tasks, one tokenizer actor holding the model, commits on the driver) and (b) by a bare
+loop calling `model.tokenize` on pre-decoded batches (run before and after the job, averaged, since other load
+on the machine drifts), both with all cores' torch threads. Steady-state rates leave out the first batch of
+each (model warm-up; for the job also Ray start-up and the actor loading the model); the job's end-to-end
+rate is printed beside them.
+
+Size: bytes on disk per token of a whole output folder (data, markers, manifest, errors) at 256 tokens per
+image, next to one .npy file per image (int64, as peers store codes; uint16 for reference). Real tokens: the
+job with a `tiny` model of 256 registers over the 250 sample images with ten-crop augmentation (2,500 rows,
+one input shard); uniform-random tokens: the same rows with their tokens replaced by uniform draws.
+Random weights throughout: speed does not depend on them, and trained tokens are close to uniform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flextok import FlexTok, preset  # noqa: E402
+from flextok.config import tiny  # noqa: E402
+from pipeline.corpus import SCHEMA, commit_unit, output_fs, read_markers, tokens_table, write_summary  # noqa: E402
+from pipeline.preprocess import center_crop_adm, decode_image, to_model_input  # noqa: E402
+from pipeline.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize, tokenizer_meta  # noqa: E402
+
+SAMPLE = Path(os.environ.get("FLEXTOK_SHARED", REPO.parent / "shared")) / "data" / "imagenet-sample"
+
+
+def write_shards(files: list[Path], folder: Path, per_shard: int) -> list[Path]:
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i in range(0, len(files), per_shard):
+        path = folder / f"bench-{i // per_shard:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for f in files[i : i + per_shard]:
+                tar.add(f, arcname=f"{f.stem}.jpg")
+        shards.append(path)
+    return shards
+
+
+def bare_loop(model: FlexTok, files: list[Path], resolution: int, batch_size: int) -> float:
+    """images/s of model.tokenize on pre-decoded batches, first batch (warm-up) left out."""
+    crops = np.stack([center_crop_adm(decode_image(f.read_bytes()), resolution) for f in files])  # [N, R, R, 3]
+    batches = [to_model_input(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+    model.tokenize(batches[0])
+    start = time.perf_counter()
+    for x in batches[1:]:
+        model.tokenize(x)
+    return sum(len(x) for x in batches[1:]) / (time.perf_counter() - start)
+
+
+class TimedTokenizeActor(TokenizeActor):
+    """The job's actor, also appending the unix time at which each tokenize call ends to `log_path`."""
+
+    log_path = ""
+
+    def tokenize(self, images: np.ndarray) -> np.ndarray:
+        tokens = super().tokenize(images)
+        with open(self.log_path, "a") as f:
+            f.write(f"{time.time()} {len(images)}\n")
+        return tokens
+
+
+def job_rates(cfg: PretokenizeConfig, log_path: Path) -> tuple[float, float]:
+    """(steady, end-to-end) images/s of the job. Steady: images after the actor's first batch, over the time
+    from the end of that batch to the driver receiving the last tokens (decode waits, transfers and the
+    commit included)."""
+    actor = type("TimedTokenizeActor", (TimedTokenizeActor,), {"log_path": str(log_path)})
+    summary = run_pretokenize(cfg, log=lambda line: None, actor_cls=actor)
+    calls = [line.split() for line in log_path.read_text().splitlines()]
+    first_end, first_images = float(calls[0][0]), int(calls[0][1])
+    last_arrival = max(t for t, n in summary.arrivals if n)
+    steady = (summary.rows - first_images) / (last_arrival - first_end)
+    return steady, summary.rows / summary.seconds
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def npy_bytes_per_token(tokens: np.ndarray, dtype, folder: Path) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(tokens):
+        np.save(folder / f"{i:06d}.npy", row.astype(dtype))
+    return folder_bytes(folder) / tokens.size
+
+
+def size_table(work: Path, threads: int) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    model = FlexTok(tiny(image_size=32, num_registers=256)).eval()
+    with torch.no_grad():  # as the tests' tiny model: noise so that tokens vary with the image
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        model.encoder.to_latents.weight.mul_(10.0)
+    model.save_pretrained(work / "tiny256")
+    out = work / "real"
+    cfg = PretokenizeConfig(
+        model=str(work / "tiny256"), inputs=[str(SAMPLE)], output=str(out), augment="tencrop", torch_threads=threads
+    )
+    run_pretokenize(cfg, log=lambda line: None)
+    table = pq.read_table(out / "data", schema=SCHEMA)
+    tokens = np.array(table.column("tokens").to_pylist())  # [rows, 256]
+    real = folder_bytes(out) / tokens.size
+
+    # The same rows with uniform tokens, committed the way the job commits them.
+    rng = np.random.default_rng(0)
+    uniform = work / "uniform"
+    fs, root = output_fs(str(uniform))
+    meta = tokenizer_meta(cfg)
+    marker = read_markers(*output_fs(str(out))).popitem()[1]
+    columns = {name: table.column(name).to_pylist() for name in ("key", "label", "source", "aug")}
+    random_tokens = rng.integers(0, 64000, size=tokens.shape)
+    random_table = tokens_table(columns["key"], columns["label"], random_tokens, columns["source"], columns["aug"])
+    commit_unit(fs, root, marker["unit"], random_table, meta, cfg.rows_per_file, marker)
+    write_summary(fs, root, read_markers(fs, root), meta)
+    return [
+        (f"Parquet corpus, real tokens ({tokens.shape[0]} rows x 256)", real),
+        (f"Parquet corpus, uniform-random tokens ({tokens.shape[0]} rows x 256)", folder_bytes(uniform) / tokens.size),
+        ("one .npy per image, int64 (real tokens)", npy_bytes_per_token(tokens, np.int64, work / "npy64")),
+        ("one .npy per image, uint16 (real tokens)", npy_bytes_per_token(tokens, np.uint16, work / "npy16")),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="d12_d12")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    torch.set_num_threads(args.threads)
+    files = sorted(SAMPLE.glob("*.JPEG"))[: args.images]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = FlexTok(preset(args.preset)).eval()
+        R = model.cfg.image_size
+        model.save_pretrained(work / "model")
+        bare_before = bare_loop(model, files, R, args.batch_size)
+        ray.init(include_dashboard=False, log_to_driver=False)
+        cfg = PretokenizeConfig(
+            model=str(work / "model"),
+            inputs=[str(s) for s in write_shards(files, work / "shards", len(files))],  # one shard: full batches
+            output=str(work / "out"),
+            batch_size=args.batch_size,
+            concurrency=1,
+            torch_threads=args.threads,
+        )
+        steady, end_to_end = job_rates(cfg, work / "calls.txt")
+        bare_after = bare_loop(model, files, R, args.batch_size)
+        del model
+        sizes = size_table(work, args.threads)
+        ray.shutdown()
+
+    bare = (bare_before + bare_after) / 2
+    print(f"\n{args.preset} encoder at {R}x{R}, {args.images} images, batch {args.batch_size}, {args.threads} threads")
+    print(f"{'path':44s} {'images/s':>9s}")
+    drift = f"(before the job {bare_before:.3f}, after {bare_after:.3f})"
+    print(f"{'bare loop (model.tokenize, pre-decoded)':44s} {bare:9.3f}   {drift}")
+    print(f"{'job on Ray Data (steady)':44s} {steady:9.3f}")
+    print(f"{'job on Ray Data (end to end, with start-up)':44s} {end_to_end:9.3f}")
+    print(f"ratio job / bare loop (steady): {steady / bare:.3f}   (end to end: {end_to_end / bare:.3f})")
+    print(f"\n{'layout (all files on disk)':60s} {'bytes/token':>11s}")
+    for name, value in sizes:
+        print(f"{name:60s} {value:11.3f}")
+
+
+if __name__ == "__main__":
+    main()
