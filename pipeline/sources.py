@@ -52,10 +52,12 @@ MISSING_LABEL = -1  # image_dataset's label for "no label" (the corpus itself st
 UNSAFE_PATH = "UnsafePath"  # tar member name that is absolute or contains '..'
 NOT_A_FILE = "NotARegularFile"  # tar member that is a link or a device
 NO_IMAGE = "NoImage"  # sample without an image member / null image bytes
-BAD_LABEL = "BadLabel"  # .cls that is not an integer
+BAD_LABEL = "BadLabel"  # .cls / label value that is not an int32 integer
 DUPLICATE_KEY = "DuplicateKey"  # a second record with a key already seen in this shard
 CORRUPT_SHARD = "CorruptShard"  # the shard could not be read to its end (truncated tar, bad parquet)
 READ_ERROR = "ReadError"  # a file that could not be opened or read
+BAD_KEY = "BadKey"  # a key (tar member name) that is not valid UTF-8
+_INT32 = (-(2**31), 2**31 - 1)
 
 
 class InputError(ValueError):
@@ -179,12 +181,28 @@ def read_labels_csv(url: str) -> dict[str, int]:
     table: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         try:
-            table[row["file"]] = int(row[label_col])
+            table[row["file"]] = to_label(row[label_col])
         except (TypeError, ValueError):
             raise InputError(
-                f"labels CSV {url} line {line}: {label_col}={row[label_col]!r} is not an integer"
+                f"labels CSV {url} line {line}: {label_col}={row[label_col]!r} is not an int32 integer"
             ) from None
     return table
+
+
+def to_label(text: str | int) -> int:
+    """A class label: an integer in int32 range (ValueError otherwise)."""
+    label = int(text)
+    if not _INT32[0] <= label <= _INT32[1]:
+        raise ValueError(f"label {label} is outside int32")
+    return label
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _is_image_name(name: str) -> bool:
@@ -201,6 +219,9 @@ def iter_records(shard: InputShard) -> Iterator[Record]:
     readers = {"webdataset": _tar_records, "folder": _folder_records, "parquet": _parquet_records}
     seen: set[str] = set()
     for rec in readers[shard.kind](shard):
+        if not _is_utf8(rec.key):  # tar names are decoded with surrogate escapes
+            key = rec.key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            rec = _error(key, shard, BAD_KEY, f"key is not valid UTF-8: {rec.key!r}", rec.label)
         if rec.error is None and rec.key in seen:
             rec = _error(rec.key, shard, DUPLICATE_KEY, "another record of this shard has the same key", rec.label)
         seen.add(rec.key)
@@ -254,9 +275,9 @@ def _sample(key: str, parts: dict[str, bytes], shard: InputShard) -> Record:
     label = None
     if "cls" in parts:
         try:
-            label = int(parts["cls"].decode().strip())
+            label = to_label(parts["cls"].decode().strip())
         except (UnicodeDecodeError, ValueError):
-            return _error(key, shard, BAD_LABEL, f".cls is not an integer: {parts['cls'][:32]!r}")
+            return _error(key, shard, BAD_LABEL, f".cls is not an int32 integer: {parts['cls'][:32]!r}")
     data = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
     if data is None:
         return _error(key, shard, NO_IMAGE, f"sample has no image member (has {sorted(parts)})", label)
@@ -293,8 +314,8 @@ def _parquet_records(shard: InputShard) -> Iterator[Record]:
                 for data, key, label in zip(images, keys, labels, strict=True):
                     key = f"{row:09d}" if key is None else str(key)
                     row += 1
-                    if label is not None and not isinstance(label, int):
-                        yield _error(key, shard, BAD_LABEL, f"label {label!r} is not an integer")
+                    if label is not None and not (isinstance(label, int) and _INT32[0] <= label <= _INT32[1]):
+                        yield _error(key, shard, BAD_LABEL, f"label {label!r} is not an int32 integer")
                     elif data is None:
                         yield _error(key, shard, NO_IMAGE, f"null image bytes in column '{image_col}'", label)
                     else:

@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+def write_tar(path: Path, members: list[tuple[str, bytes]], format: int = tarfile.DEFAULT_FORMAT) -> Path:
     """A tar with exactly these (name, bytes) members, in order; names are not sanitised."""
-    with tarfile.open(path, "w") as tar:
+    with tarfile.open(path, "w", format=format) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -20,7 +20,17 @@ from jobs import pretokenize as pretokenize_job
 from jobs import validate_corpus as validate_job
 from pipeline.corpus import ERRORS_SCHEMA, SCHEMA, CorpusMeta, validate_corpus
 from pipeline.preprocess import PREPROCESSING, center_crop_adm, decode_image, to_model_input
-from pipeline.pretokenize import JobInputError, PretokenizeConfig, TokenizeActor, run_pretokenize
+from pipeline.pretokenize import (
+    JobInputError,
+    PretokenizeConfig,
+    TokenizeActor,
+    check_output,
+    run_pretokenize,
+    unit_name,
+)
+from pipeline.sources import expand_inputs
+
+META = CorpusMeta("tiny", "0" * 64, 64000, 32, 32, 32, "none", PREPROCESSING)
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +137,16 @@ def test_rerun_with_other_settings_is_refused(sample_corpus, model_dir, imagenet
         run_pretokenize(config(model_dir, [imagenet_sample], out, folder_chunk=100, num_tokens=8))
 
 
-def test_rerun_after_the_folder_changed_is_refused(ray_session, model_dir, imagenet_sample, tmp_path):
+def test_rerun_after_the_folder_changed_is_refused(imagenet_sample, tmp_path):
     folder = copy_subset(imagenet_sample, tmp_path / "imgs", 4)
-    out = tmp_path / "out"
-    run_pretokenize(config(model_dir, [folder], out))
+    (before,) = expand_inputs([str(folder)])
+    marker = {"digest": before.digest, "metadata": META.to_kv()}
+    check_output({unit_name(before): marker}, {unit_name(before): before}, META, "out")  # unchanged: fine
     (folder / sample_files(imagenet_sample, 1)[0].name).unlink()
+    (after,) = expand_inputs([str(folder)])
+    assert unit_name(after) == unit_name(before)
     with pytest.raises(JobInputError, match="changed"):
-        run_pretokenize(config(model_dir, [folder], out))
+        check_output({unit_name(before): marker}, {unit_name(after): after}, META, "out")
 
 
 # ------------------------------------------------------------------------------------------ options

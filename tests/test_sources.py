@@ -14,6 +14,7 @@ from shards import copy_subset, sample_files, sample_labels, tar_of_samples, wri
 from jobs import make_shards
 from pipeline.preprocess import center_crop_adm, decode_image
 from pipeline.sources import (
+    BAD_KEY,
     BAD_LABEL,
     CORRUPT_SHARD,
     DUPLICATE_KEY,
@@ -139,6 +140,8 @@ def test_tar_bad_members_become_error_records(tmp_path: Path, imagenet_sample: P
             ("c.jpg", jpg),
             ("d.jpg", jpg),
             ("c.jpg", jpg),  # key c again, after another sample
+            ("e.jpg", jpg),
+            ("e.cls", b"99999999999"),  # beyond int32
         ],
     )
     recs = records([str(tar)])
@@ -151,9 +154,19 @@ def test_tar_bad_members_become_error_records(tmp_path: Path, imagenet_sample: P
         ("c", None),
         ("d", None),
         ("c", DUPLICATE_KEY),
+        ("e", BAD_LABEL),
     ]
     assert all(r.data is None and r.error for r in recs if r.error_class)
     assert not (tmp_path.parent / "x.jpg").exists()
+
+
+def test_tar_member_names_that_are_not_utf8_are_error_records(tmp_path: Path, imagenet_sample: Path):
+    import tarfile
+
+    jpg = sample_files(imagenet_sample, 1)[0].read_bytes()
+    tar = write_tar(tmp_path / "latin1.tar", [("caf\udce9.jpg", jpg), ("ok.jpg", jpg)], format=tarfile.GNU_FORMAT)
+    recs = records([str(tar)])
+    assert [(r.key, r.error_class) for r in recs] == [("caf\ufffd", BAD_KEY), ("ok", None)]
 
 
 def test_tar_links_are_error_records(tmp_path: Path, imagenet_sample: Path):
