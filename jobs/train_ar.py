@@ -1,0 +1,74 @@
+"""Train the class-conditional AR model on a FlexTok token corpus on Ray Train; the Parquet corpus is
+streamed to the workers through Ray Data.
+
+    python jobs/train_ar.py --config configs/train_ar_tiny.yaml --corpus corpus/
+    python jobs/train_ar.py --config configs/train_ar_d30.yaml --corpus s3://bucket/corpus --num-workers 32
+    (run the same command again to resume a stopped or failed run from its latest checkpoint)
+
+Checkpoints: STORAGE/NAME/checkpoint_<step>/{model,ema} load with `flextok.ar.ARModel.from_pretrained`.
+Details: docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import fail, parse_args, run_main
+from jobs.training import add_training_args, check_required, finish, init_ray, loop_config, scaling_and_run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_ar", description="Train the class-conditional AR model on Ray Train.")
+    data = p.add_argument_group("data")
+    data.add_argument("--corpus", help="token corpus folder or URL, written by the pretokenize job (required)")
+    data.add_argument("--k", type=int, help="train on the first k tokens of each sequence (default: all stored)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", help="AR size: tiny | d10 | d12 | d16 | d20 | d24 | d30")
+    model.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (default 1000)")
+    model.add_argument("--class-dropout-prob", type=float, default=0.1, help="label -> null class, for CFG (0.1)")
+    add_training_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    check_required(args, "corpus", "storage_path", "name")
+    loop = loop_config(args)
+    scaling, run = scaling_and_run(args)
+
+    from flextok.ar import ar_preset
+    from pipeline.corpus import corpus_files
+    from pipeline.train_ar import ARTask, corpus_for_training
+    from pipeline.train_loop import run_training
+
+    try:
+        _, _, meta = corpus_files(args.corpus)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--corpus {args.corpus}: {e}")
+    k = args.k or meta.num_tokens
+    if not 1 <= k <= meta.num_tokens:
+        fail(f"--k {k}: the corpus stores {meta.num_tokens} tokens per sequence")
+    try:
+        cfg = ar_preset(
+            args.preset,
+            vocab_size=meta.codebook_size,
+            max_tokens=k,
+            num_classes=args.num_classes,
+            class_dropout_prob=args.class_dropout_prob,
+        )
+    except ValueError as e:
+        fail(str(e))
+    init_ray()
+    dataset = corpus_for_training(args.corpus, k)
+    print(
+        f"training AR '{args.preset}' on {args.corpus} (k={k}, tokenizer {meta.tokenizer}) for {loop.steps} steps "
+        f"on {scaling.num_workers} worker(s) -> {args.storage_path}/{args.name}",
+        flush=True,
+    )
+    result = run_training(ARTask(model=cfg.to_dict()), loop, dataset, scaling, run)
+    return finish(result, args.export, "ARModel.from_pretrained")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,118 @@
+"""AR training: next-token cross-entropy of `flextok.ar.ARModel` over the Parquet token corpus, streamed
+to the workers through Ray Data.
+
+    ds = read_corpus("corpus/", k=128)                               # pipeline.corpus
+    task = ARTask(model=ar_preset("d12", max_tokens=128).to_dict())
+    run_training(task, LoopConfig(...), ds, Scaling(8, use_gpu=True), Run("s3://runs", "ar-d12"))
+
+Rows without a label train the null class (the unconditional model that CFG uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+from torch import Tensor, nn
+
+from flextok.ar import ARConfig, ARModel
+from flextok.checkpoint import load_state_dict_strict
+
+from .train_common import LoopConfig
+from .train_loop import TrainTask
+
+
+class ARObjective(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.model = ARModel(cfg)
+
+    def forward(
+        self, labels: Tensor, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        return {"loss": self.model.loss(labels, tokens, lengths, generator=generator)}
+
+
+class TokenCollate(ArrowBatchCollateFn):
+    """Corpus rows -> {"labels" [B], "tokens" [B, T] (zero-padded), "lengths" [B]} (int64).
+
+    Null labels become `null_class`; labels outside 0..null_class-1 are an error naming the row's key."""
+
+    def __init__(self, null_class: int, max_tokens: int):
+        super().__init__()
+        self.null_class, self.max_tokens = null_class, max_tokens
+
+    def __call__(self, batch: pa.Table) -> dict[str, Tensor]:
+        column = batch.column("tokens").combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        T = int(lengths.max())
+        if self.max_tokens < T:
+            raise ValueError(f"corpus rows hold {T} tokens, the model's max_tokens is {self.max_tokens} (set k)")
+        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        if (lengths == T).all():
+            tokens = flat.reshape(len(lengths), T)  # [B, T], the usual case
+        else:
+            tokens = np.zeros((len(lengths), T), np.int64)
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            tokens[rows, cols] = flat
+        labels = batch.column("label").to_numpy(zero_copy_only=False)  # float with NaN where null
+        labels = np.where(np.isnan(labels), self.null_class, labels).astype(np.int64)
+        bad = (labels < 0) | (labels > self.null_class)
+        if bad.any():
+            key = batch.column("key")[int(np.argmax(bad))].as_py()
+            raise ValueError(
+                f"corpus row '{key}' has label {labels[bad][0]}; the model has {self.null_class} classes (num-classes)"
+            )
+        return {
+            "labels": torch.from_numpy(labels),
+            "tokens": torch.from_numpy(tokens),
+            "lengths": torch.from_numpy(lengths),
+        }
+
+
+@dataclass
+class ARTask(TrainTask):
+    model: dict[str, Any]  # ARConfig.to_dict()
+
+    unit = "tokens"
+
+    @property
+    def config(self) -> ARConfig:
+        return ARConfig.from_dict(self.model)
+
+    def build(self) -> nn.Module:
+        return ARObjective(self.config)
+
+    def save_model(self, state: dict[str, Tensor], directory: Path) -> None:
+        with torch.device("meta"):
+            model = ARModel(self.config)
+        model = model.to_empty(device="cpu")
+        load_state_dict_strict(model, state)
+        model.save_pretrained(directory)
+
+    def batches(self, shard: Any, epoch: int, micro_batch: int, cfg: LoopConfig) -> Iterator[dict[str, Tensor]]:
+        return shard.iter_torch_batches(
+            batch_size=micro_batch,
+            drop_last=True,
+            collate_fn=TokenCollate(self.config.num_classes, self.config.max_tokens),
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
+        )
+
+    def units(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["lengths"].sum())
+
+
+def corpus_for_training(path: str, k: int | None = None) -> Any:
+    """The corpus's Ray Dataset with only what training reads (tokens truncated to k)."""
+    from .corpus import read_corpus
+
+    return read_corpus(path, k=k).select_columns(["key", "label", "tokens"])
