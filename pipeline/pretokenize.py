@@ -208,7 +208,7 @@ def check_output(markers: dict[str, dict], units: dict[str, InputShard], meta: C
             )
         if unit in units and marker["digest"] != units[unit].digest:
             raise JobInputError(
-                f"{units[unit].url}: its files changed since the shard {unit} was committed; use a new --output"
+                f"{units[unit].url}: files or labels changed since shard {unit} was committed; use a new --output"
             )
 
 

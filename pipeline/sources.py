@@ -79,8 +79,8 @@ class InputShard:
 
     @property
     def digest(self) -> str:
-        """Identity of the shard's contents as planned (folder chunks: the file list)."""
-        return hashlib.sha256(json.dumps([self.id, self.files]).encode()).hexdigest()[:16]
+        """Identity of the shard's contents as planned (folder chunks: the file list and labels)."""
+        return hashlib.sha256(json.dumps([self.id, self.files, self.labels]).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -97,7 +97,7 @@ class Record:
     data: bytes | None
     label: int | None
     source: str
-    error: str | None = None  # why this record is unusable ("" never; None for a good record)
+    error: str | None = None  # why the record is unusable; None for a good record
     error_class: str | None = None
 
 

@@ -149,6 +149,18 @@ def test_rerun_after_the_folder_changed_is_refused(imagenet_sample, tmp_path):
         check_output({unit_name(before): marker}, {unit_name(after): after}, META, "out")
 
 
+def test_rerun_after_the_labels_changed_is_refused(imagenet_sample, tmp_path):
+    folder = copy_subset(imagenet_sample, tmp_path / "imgs", 4)
+    (before,) = expand_inputs([str(folder)])
+    marker = {"digest": before.digest, "metadata": META.to_kv()}
+    csv = folder / "labels.csv"
+    csv.write_text(csv.read_text().replace(",0\n", ",1\n"))  # the tench becomes class 1
+    (after,) = expand_inputs([str(folder)])
+    assert after.files == before.files and after.labels != before.labels
+    with pytest.raises(JobInputError, match="labels changed"):
+        check_output({unit_name(before): marker}, {unit_name(after): after}, META, "out")
+
+
 # ------------------------------------------------------------------------------------------ options
 def test_num_tokens_stores_the_prefix(ray_session, model_dir, tiny_model, imagenet_sample, tmp_path):
     (tar,) = tar_shards(imagenet_sample, tmp_path / "in", 1, 6)
