@@ -5,10 +5,11 @@
 
 Throughput: the same images (ImageNet sample, as webdataset shards) are tokenized (a) by the job on the local
 Ray cluster (decode in tasks, one tokenizer actor holding the model, commits on the driver) and (b) by a bare
-loop calling `model.tokenize` on pre-decoded batches (run before and after the job, averaged, since other load
-on the machine drifts), both with all cores' torch threads. Steady-state rates leave out the first batch of
-each (model warm-up; for the job also Ray start-up and the actor loading the model); the job's end-to-end
-rate is printed beside them.
+loop calling `model.tokenize` on pre-decoded batches (run before and after the job, since other load on the
+machine drifts), both with all cores' torch threads. Rates are per batch, leaving out the first batch of each
+(warm-up): for the loop the call itself, for the job the time between the actor finishing one batch and the
+next, which also counts any wait for decoded input. Median and best batch are printed (the best is the
+least disturbed by other load), and the job's rates with the driver and with start-up beside them.
 
 Size: bytes on disk per token of a whole output folder (data, markers, manifest, errors) at 256 tokens per
 image, next to one .npy file per image (int64, as peers store codes; uint16 for reference). Real tokens: the
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -56,15 +58,17 @@ def write_shards(files: list[Path], folder: Path, per_shard: int) -> list[Path]:
     return shards
 
 
-def bare_loop(model: FlexTok, files: list[Path], resolution: int, batch_size: int) -> float:
-    """images/s of model.tokenize on pre-decoded batches, first batch (warm-up) left out."""
+def bare_loop(model: FlexTok, files: list[Path], resolution: int, batch_size: int) -> list[float]:
+    """Images/s of each model.tokenize call on pre-decoded batches (the first, warm-up, left out)."""
     crops = np.stack([center_crop_adm(decode_image(f.read_bytes()), resolution) for f in files])  # [N, R, R, 3]
     batches = [to_model_input(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
     model.tokenize(batches[0])
-    start = time.perf_counter()
+    rates = []
     for x in batches[1:]:
+        start = time.perf_counter()
         model.tokenize(x)
-    return sum(len(x) for x in batches[1:]) / (time.perf_counter() - start)
+        rates.append(len(x) / (time.perf_counter() - start))
+    return rates
 
 
 class TimedTokenizeActor(TokenizeActor):
@@ -79,17 +83,19 @@ class TimedTokenizeActor(TokenizeActor):
         return tokens
 
 
-def job_rates(cfg: PretokenizeConfig, log_path: Path) -> tuple[float, float]:
-    """(steady, end-to-end) images/s of the job. Steady: images after the actor's first batch, over the time
-    from the end of that batch to the driver receiving the last tokens (decode waits, transfers and the
-    commit included)."""
+def job_rates(cfg: PretokenizeConfig, log_path: Path) -> tuple[list[float], float, float]:
+    """The job's (images/s per batch, steady images/s, end-to-end images/s).
+
+    Per batch: images over the time since the actor finished the previous batch (model time plus any wait for
+    decoded input). Steady: images after the first batch over the time from its end to the driver holding the
+    last tokens (transfers and the commit included). End to end: with Ray Data start-up and model loading."""
     actor = type("TimedTokenizeActor", (TimedTokenizeActor,), {"log_path": str(log_path)})
     summary = run_pretokenize(cfg, log=lambda line: None, actor_cls=actor)
-    calls = [line.split() for line in log_path.read_text().splitlines()]
-    first_end, first_images = float(calls[0][0]), int(calls[0][1])
+    calls = [(float(t), int(n)) for t, n in (line.split() for line in log_path.read_text().splitlines())]
+    per_batch = [n / (t - t_prev) for (t_prev, _), (t, n) in zip(calls, calls[1:], strict=False)]
     last_arrival = max(t for t, n in summary.arrivals if n)
-    steady = (summary.rows - first_images) / (last_arrival - first_end)
-    return steady, summary.rows / summary.seconds
+    steady = (summary.rows - calls[0][1]) / (last_arrival - calls[0][0])
+    return per_batch, steady, summary.rows / summary.seconds
 
 
 def folder_bytes(folder: Path) -> int:
@@ -156,7 +162,7 @@ def main() -> None:
         model = FlexTok(preset(args.preset)).eval()
         R = model.cfg.image_size
         model.save_pretrained(work / "model")
-        bare_before = bare_loop(model, files, R, args.batch_size)
+        bare = bare_loop(model, files, R, args.batch_size)
         ray.init(include_dashboard=False, log_to_driver=False)
         cfg = PretokenizeConfig(
             model=str(work / "model"),
@@ -166,20 +172,21 @@ def main() -> None:
             concurrency=1,
             torch_threads=args.threads,
         )
-        steady, end_to_end = job_rates(cfg, work / "calls.txt")
-        bare_after = bare_loop(model, files, R, args.batch_size)
+        job, steady, end_to_end = job_rates(cfg, work / "calls.txt")
+        bare += bare_loop(model, files, R, args.batch_size)  # again after the job: other load on the machine drifts
         del model
         sizes = size_table(work, args.threads)
         ray.shutdown()
 
-    bare = (bare_before + bare_after) / 2
     print(f"\n{args.preset} encoder at {R}x{R}, {args.images} images, batch {args.batch_size}, {args.threads} threads")
-    print(f"{'path':44s} {'images/s':>9s}")
-    drift = f"(before the job {bare_before:.3f}, after {bare_after:.3f})"
-    print(f"{'bare loop (model.tokenize, pre-decoded)':44s} {bare:9.3f}   {drift}")
-    print(f"{'job on Ray Data (steady)':44s} {steady:9.3f}")
-    print(f"{'job on Ray Data (end to end, with start-up)':44s} {end_to_end:9.3f}")
-    print(f"ratio job / bare loop (steady): {steady / bare:.3f}   (end to end: {end_to_end / bare:.3f})")
+    print(f"{'images/s':52s} {'median':>8s} {'best':>8s}   batches")
+    print(
+        f"{'bare loop: model.tokenize on pre-decoded batches':52s} {median(bare):8.3f} {max(bare):8.3f}   {len(bare)}"
+    )
+    print(f"{'job on Ray Data: tokenizer actor, batch to batch':52s} {median(job):8.3f} {max(job):8.3f}   {len(job)}")
+    print(f"{'ratio job / bare loop':52s} {median(job) / median(bare):8.3f} {max(job) / max(bare):8.3f}")
+    print(f"job, first batch's end -> last tokens at the driver: {steady:.3f} images/s")
+    print(f"job, end to end with Ray Data start-up and model loading: {end_to_end:.3f} images/s")
     print(f"\n{'layout (all files on disk)':60s} {'bytes/token':>11s}")
     for name, value in sizes:
         print(f"{name:60s} {value:11.3f}")
