@@ -43,7 +43,7 @@ from .corpus import (
     write_summary,
 )
 from .preprocess import AUGMENT_MODES, PREPROCESSING, to_model_input
-from .sources import InputShard, _batched, decode_records, expand_inputs
+from .sources import InputShard, batched, decode_records, expand_inputs
 
 # Rows between the stages: decoded images (binary, R*R*3 bytes) in, token lists out. Error rows carry
 # error_class/error and no image; the trailer row of a shard carries `expected` (its number of other rows).
@@ -102,7 +102,7 @@ def read_units(batch: pa.Table, resolution: int, augment: str, block_rows: int) 
     """Ray Data task: rows (unit, shard JSON) -> image tables of at most `block_rows` rows + one trailer."""
     for unit, text in zip(batch.column("unit").to_pylist(), batch.column("shard").to_pylist(), strict=True):
         sent = 0
-        for chunk in _batched(decode_records(InputShard.from_json(text), resolution, augment), block_rows):
+        for chunk in batched(decode_records(InputShard.from_json(text), resolution, augment), block_rows):
             yield pa.Table.from_pylist([_image_row(unit, r) for r in chunk], schema=IMAGES_SCHEMA)
             sent += len(chunk)
         trailer = {"unit": unit, "record": -1, "key": "", "source": "", "aug": 0, "expected": sent}

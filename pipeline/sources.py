@@ -360,7 +360,7 @@ def decode_records(shard: InputShard, resolution: int, augment: str = "none") ->
             yield DecodedRow(i, rec.key, rec.label, rec.source, aug, view)
 
 
-def _batched(rows: Iterator[DecodedRow], n: int) -> Iterator[list[DecodedRow]]:
+def batched(rows: Iterator[DecodedRow], n: int) -> Iterator[list[DecodedRow]]:
     batch: list[DecodedRow] = []
     for row in rows:
         batch.append(row)
@@ -395,7 +395,7 @@ def _decode_shards(batch: pa.Table, resolution: int, augment: str, block_rows: i
     """Ray Data UDF: a batch of shard descriptors -> image tables of at most `block_rows` rows."""
     for text in batch.column("shard").to_pylist():
         rows = decode_records(InputShard.from_json(text), resolution, augment)
-        for chunk in _batched(rows, block_rows):
+        for chunk in batched(rows, block_rows):
             yield image_table(chunk, resolution)
 
 

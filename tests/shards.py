@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 
@@ -51,3 +53,14 @@ def tar_of_samples(imagenet_sample: Path, path: Path, files: list[Path], with_la
         if with_labels:
             members.append((f"{f.stem}.cls", str(labels[f.name]).encode()))
     return write_tar(path, members)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries no pixel data: what a decompression bomb looks like
+    to a decoder that checks sizes first."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")

@@ -12,8 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from shards import copy_subset, sample_files, sample_labels, tar_of_samples, write_tar
-from test_preprocess import png_header_only
+from shards import copy_subset, png_header_only, sample_files, sample_labels, tar_of_samples, write_tar
 
 from flextok.checkpoint import weights_digest
 from jobs import pretokenize as pretokenize_job
