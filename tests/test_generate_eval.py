@@ -1,0 +1,143 @@
+"""The generation sweep with the real tiny AR model over a tiny FlexTok: outputs, class balance, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flextok.ar import ARModel, ar_preset
+from flextok.checkpoint import weights_digest
+from jobs.common import JobError
+from pipeline import generate as G
+from pipeline import sweep as S
+from pipeline.fid import FeatureStats, Reference, save_reference
+from pipeline.inception import Inception, ensure_inception_weights
+from pipeline.preprocess import PREPROCESSING
+
+N, KS = 6, "1,32"
+
+
+@pytest.fixture(scope="session")
+def inception_weights() -> Path:
+    return ensure_inception_weights()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(1)
+    ar = ARModel(ar_preset("tiny", num_classes=4)).eval()  # 32 tokens, the tiny FlexTok's 64000 codes
+    ar.save_pretrained(root / "ar")
+    tiny_model.save_pretrained(root / "flextok")
+    return root / "ar", root / "flextok"
+
+
+@pytest.fixture(scope="module")
+def reference(inception_weights, tmp_path_factory) -> Path:
+    """Reference statistics for 32px images with the real extractor identity (random features: the numbers
+    are not meaningful, the plumbing is what is tested)."""
+    identity = Inception(inception_weights).identity
+    x = np.random.default_rng(0).random((20, 2048)).astype(np.float32)
+    ref = Reference.from_stats(FeatureStats.of(x), identity, f"{PREPROCESSING} @ 32px, uint8", "synthetic", x)
+    return save_reference(tmp_path_factory.mktemp("ref") / "ref.npz", ref)
+
+
+def argv(models, reference, inception_weights, output, *extra) -> list[str]:
+    ar, flextok = models
+    return [
+        "--ar-model", str(ar), "--model", str(flextok), "--reference-stats", str(reference), "--ks", KS,
+        "--num-samples", str(N), "--gen-batch", "4", "--timesteps", "3", "--decode-batch", "3",
+        "--chunk-images", "2", "--grid-samples", "3", "--cfg-scale", "2", "--top-k", "100",
+        "--cpus-per-actor", "0.5", "--inception-weights", str(inception_weights), "--output", str(output), *extra,
+    ]  # fmt: skip
+
+
+def results(output: Path) -> dict:
+    return json.loads((output / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, models, reference, inception_weights, tmp_path_factory) -> Path:
+    from jobs.eval_generate import main
+
+    output = tmp_path_factory.mktemp("gen-run") / "a"
+    assert main(argv(models, reference, inception_weights, output)) == 0
+    return output
+
+
+def test_generation_sweep_writes_all_outputs(first_run, models):
+    for name in ("results.json", "results.md", "fid_vs_tokens.png", "samples_grid.png"):
+        assert (first_run / name).is_file(), name
+    r = results(first_run)
+    assert [row["k"] for row in r["per_k"]] == [1, 32]
+    for row in r["per_k"]:
+        assert row["num_samples"] == N and np.isfinite(row["fid"]) and row["fid"] > 0
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["psnr"] is None and row["is_mean"] is None
+    assert r["work"]["class_counts"] == {"classes": 4, "min": 1, "max": 2}  # 6 samples over 4 classes
+    p = r["provenance"]
+    assert p["ar_model"]["sha256"] == weights_digest(ARModel.from_pretrained(models[0]).state_dict())
+    assert p["settings"]["cfg_scale"] == 2.0 and p["settings"]["top_k"] == 100 and p["seeds"]["seed"] == 0
+    g = S.gather(S.PartialResults(first_run / "partial", {}, (1, 32)))
+    assert g.keys == [G.sample_key(i) for i in range(N)]
+    assert g.labels.tolist() == [i % 4 for i in range(N)]
+    assert sorted(g.grid) == [G.sample_key(i) for i in range(3)] and all(sorted(c) == [1, 32] for c in g.grid.values())
+
+
+def test_generation_resumes_with_the_same_numbers(
+    first_run, models, reference, inception_weights, tmp_path, monkeypatch
+):
+    from jobs.eval_generate import main
+
+    output = tmp_path / "b"
+    write = S.PartialResults.write
+
+    def crash_after_first_chunk(self, images, has_logits):
+        if self.chunks():
+            raise RuntimeError("simulated crash")
+        return write(self, images, has_logits)
+
+    monkeypatch.setattr(S.PartialResults, "write", crash_after_first_chunk)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(argv(models, reference, inception_weights, output))
+    monkeypatch.undo()
+    assert main(argv(models, reference, inception_weights, output)) == 0
+    assert results(output)["run"]["images_this_run"] == N - 2
+    assert results(output)["per_k"] == results(first_run)["per_k"]
+
+
+def test_generation_errors_before_any_work(ray_session, models, reference, inception_weights, tmp_path):
+    from jobs.eval_generate import main
+
+    out = tmp_path / "never"
+    with pytest.raises(JobError, match=r"k=\[64\] outside 1..32"):
+        main([*argv(models, reference, inception_weights, out), "--ks", "1,64"])
+    with pytest.raises(JobError, match="--reference-stats is required"):
+        main(
+            [
+                a
+                for a in argv(models, reference, inception_weights, out)
+                if a not in ("--reference-stats", str(reference))
+            ]
+        )
+    other = save_reference(
+        tmp_path / "other.npz", Reference.from_stats(FeatureStats.of(np.eye(3, 2048)), "other-net", "x", "r")
+    )
+    with pytest.raises(JobError, match="computed with extractor 'other-net'"):
+        main([*argv(models, reference, inception_weights, out), "--reference-stats", str(other)])
+    assert not out.exists()
+
+
+def test_group_tokens_do_not_depend_on_other_groups(models):
+    """A group's AR tokens come from its own generator: the same in any batch of groups."""
+    ar, flextok = models
+    stage = G.GenerateStage(str(ar), str(flextok), (1, 32), {}, {"timesteps": 2}, 4, [])
+    labels = torch.tensor([0, 1, 2, 3])
+    a = stage.generate(7, labels, 32)
+    assert a.shape == (4, 32)
+    assert torch.equal(a, stage.generate(7, labels, 32))
+    assert not torch.equal(a, stage.generate(8, labels, 32))
