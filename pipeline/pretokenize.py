@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .corpus import (
+    DATA_DIR,
     MANIFEST,
     SCHEMA,
     TMP_DIR,
@@ -217,7 +218,7 @@ def _remove_stale(fs, root: str, todo: list[str]) -> None:
     if fs.exists(join(root, TMP_DIR)):
         fs.rm(join(root, TMP_DIR), recursive=True)
     for unit in todo:
-        for path in fs.glob(join(root, "data", f"{unit}-[0-9][0-9][0-9][0-9].parquet")):
+        for path in fs.glob(join(root, DATA_DIR, f"{unit}-[0-9][0-9][0-9][0-9].parquet")):
             fs.rm(path)
 
 
@@ -362,7 +363,7 @@ def run_pretokenize(
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) did not complete, e.g. {missing[:3]}; rerun to resume")
     _remove_stale(fs, root, [])
-    summary.manifest = write_summary(fs, root, read_markers(fs, root), meta)
+    summary.manifest = write_summary(fs, root, markers, meta)
     summary.seconds = time.perf_counter() - t0
     return summary
 
