@@ -64,6 +64,7 @@ def bench_fid(args, weights: Path) -> bool:
     common = ["--resolution", str(args.resolution), "--inception-weights", str(weights)]
     common += ["--actors", str(args.actors), "--cpus-per-actor", str(args.cpus_per_actor)]
     common += ["--gpus-per-actor", str(args.gpus_per_actor), "--batch-size", str(args.batch_size)]
+    common += ["--torch-threads", str(args.torch_threads)]
     t0 = time.perf_counter()
     ours = last_json(eval_fid, ["--real", str(args.real), "--fake", str(args.fake), *common])
     t_ours = time.perf_counter() - t0
@@ -108,7 +109,7 @@ def bench_sweep_counters(args, weights: Path, root: Path) -> bool:
     model.save_pretrained(root / "tiny")
     common = ["--model", str(root / "tiny"), "--input", str(args.real), "--ks", "1,2,4,8,16,32"]
     common += ["--num-samples", str(args.sweep_images), "--timesteps", "5", "--inception-weights", str(weights)]
-    common += ["--cpus-per-actor", str(args.cpus_per_actor), "--gpus-per-actor", str(args.gpus_per_actor)]
+    common += ["--cpus-per-actor", str(args.sweep_cpus_per_actor), "--gpus-per-actor", str(args.gpus_per_actor)]
     first = last_json(eval_sweep, [*common, "--output", str(root / "s1")])
     cached = last_json(
         eval_sweep,
@@ -131,6 +132,12 @@ def bench_sweep_counters(args, weights: Path, root: Path) -> bool:
     return ok and same
 
 
+def torch_threads_default() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", type=Path)
@@ -139,8 +146,10 @@ def main() -> int:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--inception-weights", type=Path)
     p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="our Inception actor (1 stage)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--torch-threads", type=int, default=torch_threads_default(), help="as torch-fidelity's process")
+    p.add_argument("--sweep-cpus-per-actor", type=float, default=0.5, help="two actor stages must fit the node")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--sweep-images", type=int, default=16)
     p.add_argument("--skip-sweep", action="store_true")
@@ -157,7 +166,7 @@ def main() -> int:
         if args.real is None or args.fake is None:
             args.real, args.fake = make_folders(root, args.num_images, args.resolution)
         t0 = time.perf_counter()
-        ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
+        ray.init(address="local", log_to_driver=False, configure_logging=False, include_dashboard=False)
         print(f"ray.init: {time.perf_counter() - t0:.1f} s (not counted below)")
         from ray.data import DataContext
 

@@ -26,22 +26,47 @@ def add_inception_args(parser: argparse.ArgumentParser, own_stage: bool = False)
 
 def add_resource_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
     parser.add_argument("--actors", type=int, default=1, help="actors per model stage")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        help="CPUs each actor reserves (default: 1, less when the actor stages and one reading task would "
+        "not fit the cluster's CPUs otherwise)",
+    )
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="> 0 runs the models on CUDA")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per actor call")
+    parser.add_argument("--torch-threads", type=int, help="torch threads per actor (default: its whole CPUs, >= 1)")
 
 
-def resources(args: argparse.Namespace) -> Resources:
-    if args.actors < 1 or args.batch_size < 1 or args.cpus_per_actor < 0 or args.gpus_per_actor < 0:
+def check_resource_args(args: argparse.Namespace) -> None:
+    if args.actors < 1 or args.batch_size < 1 or (args.cpus_per_actor or 0) < 0 or args.gpus_per_actor < 0:
         fail("--actors and --batch-size must be >= 1, --cpus-per-actor and --gpus-per-actor >= 0")
-    return Resources(args.actors, args.cpus_per_actor, args.gpus_per_actor, args.batch_size)
-
-
-def inception_resources(args: argparse.Namespace) -> Resources:
-    """The Inception stage of a sweep: its own actor count and batch size, the model stage's CPUs/GPUs."""
-    if args.inception_actors < 1 or args.inception_batch_size < 1:
+    if args.torch_threads is not None and args.torch_threads < 1:
+        fail("--torch-threads must be >= 1")
+    if getattr(args, "inception_actors", 1) < 1 or getattr(args, "inception_batch_size", 1) < 1:
         fail("--inception-actors and --inception-batch-size must be >= 1")
-    return Resources(args.inception_actors, args.cpus_per_actor, args.gpus_per_actor, args.inception_batch_size)
+
+
+def cpus_per_actor(args: argparse.Namespace, total_actors: int) -> float:
+    """--cpus-per-actor, else 1 CPU per actor when the cluster has room for all actors plus one reading task,
+    else an equal share of what is left after that task (so a small machine does not wait forever)."""
+    if args.cpus_per_actor is not None:
+        return args.cpus_per_actor
+    import ray
+
+    spare = ray.cluster_resources().get("CPU", 1.0) - 1.0
+    return max(0.25, min(1.0, spare / total_actors))
+
+
+def resources(args: argparse.Namespace, total_actors: int | None = None) -> Resources:
+    """The model stage (eval_fid: the Inception stage). Call after init_ray()."""
+    cpus = cpus_per_actor(args, total_actors or args.actors)
+    return Resources(args.actors, cpus, args.gpus_per_actor, args.batch_size, args.torch_threads)
+
+
+def inception_resources(args: argparse.Namespace, total_actors: int) -> Resources:
+    """The Inception stage of a sweep: its own actor count and batch size, the model stage's CPUs/GPUs."""
+    cpus = cpus_per_actor(args, total_actors)
+    return Resources(args.inception_actors, cpus, args.gpus_per_actor, args.inception_batch_size, args.torch_threads)
 
 
 def inception_weights(args: argparse.Namespace) -> Path:

@@ -22,6 +22,7 @@ from jobs.common import fail, parse_args, run_main
 from jobs.eval_common import (
     add_inception_args,
     add_resource_args,
+    check_resource_args,
     inception_weights,
     init_ray,
     print_result,
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         fail("--save-stats writes statistics computed from --real images; --real is already a .npz")
     if args.isc and not args.fake:
         fail("--isc scores the --fake images; give --fake")
+    check_resource_args(args)
 
     from pipeline.inception import NO_CLASSIFIER, has_classifier, load_weights, weights_identity
 

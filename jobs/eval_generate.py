@@ -21,6 +21,7 @@ from jobs.common import fail, parse_args, run_main
 from jobs.eval_common import (
     add_resource_args,
     add_sweep_args,
+    check_resource_args,
     check_sweep_args,
     checked_reference,
     inception_resources,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 2 or args.gen_batch < 1:
         fail("--num-samples must be >= 2 and --gen-batch >= 1")
     check_sweep_args(args)
+    check_resource_args(args)
     started = time.time()
 
     from flextok.checkpoint import weights_digest
@@ -90,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     sampling = G.SamplingSettings(args.cfg_scale, args.temperature, args.top_k, args.top_p)
     weights, identity, has_classifier = inception_setup(args)
     reference = checked_reference(args.reference_stats, identity, R)
-    res, inception_res = resources(args), inception_resources(args)
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
     partial = S.PartialResults(
         args.output / "partial",
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
 
     init_ray()
+    total_actors = args.actors + args.inception_actors
+    res, inception_res = resources(args, total_actors), inception_resources(args, total_actors)
     import ray
 
     grid_keys = [G.sample_key(i) for i in range(min(args.grid_samples, args.num_samples))]

@@ -24,6 +24,7 @@ from jobs.common import fail, parse_args, run_main
 from jobs.eval_common import (
     add_resource_args,
     add_sweep_args,
+    check_resource_args,
     check_sweep_args,
     checked_reference,
     inception_resources,
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples is not None and args.num_samples < 1:
         fail("--num-samples must be >= 1")
     check_sweep_args(args)
+    check_resource_args(args)
     started = time.time()
 
     from flextok.checkpoint import weights_digest
@@ -124,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         if reference is None:
             fail("a token corpus holds no images: give --reference-stats (e.g. from eval_fid --save-stats)")
     real_features = reference is None
-    res, inception_res = resources(args), inception_resources(args)
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
     groups = ((S.REAL,) if real_features else ()) + ks
     partial = S.PartialResults(
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             num_samples=args.num_samples,
             ks=ks,
             **asdict(settings),
-            batch_size=res.batch_size,
+            batch_size=args.batch_size,
             inception=identity,
             reference=None if reference is None else [reference.source, reference.extractor, reference.n],
             chunk_images=args.chunk_images,
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         groups,
     )
     init_ray()
+    total_actors = args.actors + args.inception_actors
+    res, inception_res = resources(args, total_actors), inception_resources(args, total_actors)
     ds = source_dataset(args, corpus, R)  # an empty or missing input fails here, before anything is written
     try:
         partial.open()

@@ -30,6 +30,7 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     batch_size: int = 32
+    torch_threads: int | None = None  # None: the actor's whole CPUs, at least 1
 
     @property
     def device(self) -> str:
@@ -37,8 +38,8 @@ class Resources:
 
     @property
     def threads(self) -> int:
-        """torch threads per actor: its whole CPUs, at least 1."""
-        return max(1, int(self.cpus))
+        """torch threads per actor."""
+        return self.torch_threads or max(1, int(self.cpus))
 
     def map_kwargs(self) -> dict:
         import ray

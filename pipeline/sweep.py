@@ -36,6 +36,7 @@ from .fid import precision_recall as prc
 from .image_metrics import pixel_metrics
 from .inception import NO_CLASSIFIER, model_output_to_uint8
 
+IS_SPLITS = 10  # torch-fidelity's default
 REAL = 0  # the k of an original image's row
 ERROR = -1  # the k of a bad input's row
 
@@ -121,6 +122,12 @@ def error_of(batch: dict[str, np.ndarray], n: int) -> list[str | None]:
     ]
 
 
+# the rows the model stages emit (then InceptionStage adds features and drops image)
+ROW_COLUMNS = ("key", "label", "k", "want", "png", "mse", "psnr", "ssim", "encode_calls", "error")
+ROW_DTYPES = {"key": object, "label": np.int64, "k": np.int16, "want": bool, "png": object, "mse": np.float64}
+ROW_DTYPES |= {"psnr": np.float64, "ssim": np.float64, "encode_calls": np.int32, "error": object}
+
+
 class RowBuilder:
     """Output rows of a stage, column by column (numpy batch format)."""
 
@@ -138,11 +145,6 @@ class RowBuilder:
         out = {c: np.array(v, dtype=ROW_DTYPES[c]) for c, v in self.cols.items()}
         out["image"] = np.stack(self.images)  # [M, R, R, 3] uint8
         return out
-
-
-ROW_COLUMNS = ("key", "label", "k", "want", "png", "mse", "psnr", "ssim", "encode_calls", "error")
-ROW_DTYPES = {"key": object, "label": np.int64, "k": np.int16, "want": bool, "png": object, "mse": np.float64}
-ROW_DTYPES |= {"psnr": np.float64, "ssim": np.float64, "encode_calls": np.int32, "error": object}
 
 
 class ReconstructStage:
@@ -171,50 +173,47 @@ class ReconstructStage:
         self.grid, self.real_features = set(grid_keys), real_features
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .preprocess import to_model_input
-
         keys = [str(k) for k in batch["key"]]
-        n = len(keys)
-        labels, errors = labels_of(batch, n), error_of(batch, n)
-        good = [i for i in range(n) if errors[i] is None]
-        has_images = "image" in batch
-        tokens: dict[int, torch.Tensor] = {}
-        if good and has_images:
-            originals = np.ascontiguousarray(batch["image"][good])  # [G, R, R, 3]
-            ids = self.model.tokenize(to_model_input(originals).to(self.model.device)).cpu()  # one encoder pass
-            tokens = dict(zip(good, ids, strict=True))
-        elif good:
-            tokens = {i: torch.as_tensor(np.asarray(batch["tokens"][i], np.int64)) for i in good}
+        labels, errors = labels_of(batch, len(keys)), error_of(batch, len(keys))
+        good = [i for i, e in enumerate(errors) if e is None]
+        tokens = self.tokens(batch, good)  # row -> LongTensor [n]
         jobs = [(keys[i], k) for i in good for k in self.ks]  # image-major: each decoder batch mixes k's
-        recon = (
-            decode_prefixes(self.model, [tokens[i][:k] for i in good for k in self.ks], jobs, self.s) if jobs else None
-        )
+        prefixes = [tokens[i][:k] for i in good for k in self.ks]
+        recon = decode_prefixes(self.model, prefixes, jobs, self.s) if jobs else None  # [J, R, R, 3]
 
         out = RowBuilder(self.model.cfg.image_size)
-        j = 0
-        for i in range(n):
-            key = keys[i]
+        for i, key in enumerate(keys):
             if errors[i] is not None:
                 out.add(key, labels[i], ERROR, error=errors[i])
                 continue
-            original = batch["image"][i] if has_images else None
-            in_grid = key in self.grid
-            out.add(
-                key,
-                labels[i],
-                REAL,
-                image=original,
-                want=self.real_features and has_images,
-                png=png_bytes(original) if in_grid and has_images else b"",
-                encode_calls=int(has_images),
+            j = good.index(i) * len(self.ks)
+            self.add_image_rows(
+                out, key, labels[i], batch["image"][i] if "image" in batch else None, recon[j : j + len(self.ks)]
             )
-            images = recon[j : j + len(self.ks)]
-            metrics = pixel_metrics(np.repeat(original[None], len(self.ks), 0), images) if has_images else None
-            for m, k in enumerate(self.ks):
-                row_metrics = tuple(float(x[m]) for x in metrics) if metrics is not None else (np.nan,) * 3
-                out.add(key, labels[i], k, images[m], True, png_bytes(images[m]) if in_grid else b"", row_metrics)
-            j += len(self.ks)
         return out.batch()
+
+    def tokens(self, batch: dict[str, np.ndarray], good: list[int]) -> dict[int, torch.Tensor]:
+        """Images: one encoder pass over the good rows; a corpus: its stored tokens."""
+        from .preprocess import to_model_input
+
+        if not good:
+            return {}
+        if "image" not in batch:
+            return {i: torch.as_tensor(np.asarray(batch["tokens"][i], np.int64)) for i in good}
+        originals = np.ascontiguousarray(batch["image"][good])  # [G, R, R, 3]
+        ids = self.model.tokenize(to_model_input(originals).to(self.model.device)).cpu()  # [G, n]
+        return dict(zip(good, ids, strict=True))
+
+    def add_image_rows(self, out: RowBuilder, key: str, label: int, original: np.ndarray | None, recon: np.ndarray):
+        """The REAL row (original, counters) then one row per k (reconstruction, pixel metrics)."""
+        in_grid = key in self.grid
+        has_image = original is not None
+        png = png_bytes(original) if in_grid and has_image else b""
+        out.add(key, label, REAL, original, self.real_features and has_image, png, encode_calls=int(has_image))
+        metrics = pixel_metrics(np.repeat(original[None], len(self.ks), 0), recon) if has_image else None
+        for m, k in enumerate(self.ks):
+            row_metrics = tuple(float(x[m]) for x in metrics) if metrics is not None else (np.nan,) * 3
+            out.add(key, label, k, recon[m], True, png_bytes(recon[m]) if in_grid else b"", row_metrics)
 
 
 # --------------------------------------------------------------------------------------------- partial results
@@ -438,29 +437,27 @@ def metrics_for_k(g: Gathered, k: int, ref: Reference, opts: MetricOptions) -> d
     stats = g.stats[k]
     row: dict = {"k": k, "num_samples": stats.n}
     row["fid"] = ref.frechet().distance(stats.mu, stats.sigma, low_rank_factor(g.features[k])) if stats.n >= 2 else None
+    features = g.features[k]
     if opts.prc:
-        row.update(_with_reference_features(ref, "precision/recall", lambda r: prc(g.features[k], r)))
+        row.update(_with_reference_features(ref, "prc", lambda r: prc(features, r)))
     if opts.kid:
         row.update(
             _with_reference_features(
-                ref,
-                "KID",
-                lambda r: kernel_inception_distance(g.features[k], r, opts.kid_subsets, opts.kid_subset_size),
+                ref, "kid", lambda r: kernel_inception_distance(features, r, opts.kid_subsets, opts.kid_subset_size)
             )
         )
-    if k in g.logits:
-        row.update(inception_score(g.logits[k]))
-    else:
-        row.update({"is_mean": None, "is_std": None})
+    enough = k in g.logits and len(g.logits[k]) >= IS_SPLITS
+    row.update(inception_score(g.logits[k], IS_SPLITS) if enough else {"is_mean": None, "is_std": None})
     for m in ("psnr", "ssim", "mse"):
         values = g.pixels[k][m]
         row[m] = float(values.mean()) if len(values) and not np.isnan(values).all() else None
     return row
 
 
-def _with_reference_features(ref: Reference, what: str, fn) -> dict:
+def _with_reference_features(ref: Reference, name: str, fn) -> dict:
+    """KID and precision/recall compare feature sets: with a mu/sigma-only reference (ADM's) say so instead."""
     if ref.features is None:
-        return {f"{what}_unavailable": f"the reference {ref.source} has no feature vectors (mu/sigma only)"}
+        return {f"{name}_unavailable": f"the reference {ref.source} has no feature vectors (mu/sigma only)"}
     return fn(ref.features)
 
 

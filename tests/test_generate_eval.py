@@ -52,7 +52,7 @@ def argv(models, reference, inception_weights, output, *extra) -> list[str]:
         "--ar-model", str(ar), "--model", str(flextok), "--reference-stats", str(reference), "--ks", KS,
         "--num-samples", str(N), "--gen-batch", "4", "--timesteps", "3", "--decode-batch", "3",
         "--chunk-images", "2", "--grid-samples", "3", "--cfg-scale", "2", "--top-k", "100",
-        "--cpus-per-actor", "0.5", "--inception-weights", str(inception_weights), "--output", str(output), *extra,
+        "--inception-weights", str(inception_weights), "--output", str(output), *extra,
     ]  # fmt: skip
 
 

@@ -122,3 +122,17 @@ def test_convert_job_from_a_local_wheel(inception_weights, net, tmp_path, capsys
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["weights"] == str(out) and printed["classifier"] is False
     assert printed["identity"] == net.identity == Inception(out).identity
+
+
+def test_weights_with_a_classifier_give_logits(inception_weights, net, tmp_path):
+    """torch-fidelity's own weights have `fc`: then logits come out (and the identity, which covers only what
+    the 2048-d features use, stays the same)."""
+    state = load_weights(inception_weights)
+    state["fc.weight"] = torch.randn_like(state["fc.weight"]) * 0.01
+    state["fc.bias"] = torch.zeros_like(state["fc.bias"])
+    torch.save(state, tmp_path / "with_fc.pth")
+    with_fc = Inception(tmp_path / "with_fc.pth")
+    assert with_fc.has_classifier and with_fc.identity == net.identity
+    with_fc.require_classifier()
+    out = with_fc(np.zeros((2, 32, 32, 3), np.uint8))
+    assert out["logits"].shape == (2, 1008) and torch.isfinite(out["logits"]).all()

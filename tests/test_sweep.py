@@ -54,7 +54,7 @@ def sweep_argv(tiny_dir, photos, inception_weights, output, *extra) -> list[str]
     return [
         "--model", str(tiny_dir), "--input", str(photos), "--ks", KS, "--output", str(output),
         "--timesteps", "3", "--decode-batch", "5", "--chunk-images", "3", "--grid-images", "3",
-        "--batch-size", "4", "--cpus-per-actor", "0.5", "--inception-weights", str(inception_weights), *extra,
+        "--batch-size", "4", "--inception-weights", str(inception_weights), *extra,
     ]  # fmt: skip
 
 
@@ -246,3 +246,29 @@ def test_noise_depends_on_seed_key_and_k_only(tiny_model):
     assert np.array_equal(a[1].numpy(), b[0].numpy())
     assert not np.array_equal(S.initial_noise(tiny_model, 1, [("y", 4)]).numpy(), b.numpy())
     assert not np.array_equal(S.initial_noise(tiny_model, 0, [("y", 2)]).numpy(), b.numpy())
+
+
+def test_metrics_per_k_with_a_classifier_and_an_adm_reference():
+    """IS appears when the features came with logits; an ADM-style reference (mu/sigma only) gives FID and says
+    precision/recall are unavailable."""
+    rng = np.random.default_rng(0)
+    feats = rng.random((12, 2048)).astype(np.float32)
+    logits = rng.standard_normal((12, 1008)).astype(np.float32)
+    g = S.Gathered(
+        keys=[f"k{i}" for i in range(12)],
+        labels=np.zeros(12, np.int64),
+        errors=[],
+        encode_calls=12,
+        real_feature_passes=0,
+        stats={4: FeatureStats.of(feats)},
+        features={4: feats},
+        logits={4: logits},
+        pixels={4: {m: np.ones(12) for m in ("mse", "psnr", "ssim")}},
+        grid={},
+    )
+    ref_stats = FeatureStats.of(rng.random((30, 2048)))
+    adm = Reference(ref_stats.mu, ref_stats.sigma, None, None, None, "VIRTUAL_imagenet256_labeled.npz")
+    row = S.metrics_for_k(g, 4, adm, S.MetricOptions(prc=True))
+    assert row["fid"] > 0 and row["is_mean"] > 1 and row["psnr"] == 1.0
+    assert "precision" not in row and "mu/sigma only" in row["prc_unavailable"]
+    assert S.is_unavailable_reason(g) is None
