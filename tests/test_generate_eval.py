@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,23 +89,16 @@ def test_generation_sweep_writes_all_outputs(first_run, models):
     assert sorted(g.grid) == [G.sample_key(i) for i in range(3)] and all(sorted(c) == [1, 32] for c in g.grid.values())
 
 
-def test_generation_resumes_with_the_same_numbers(
-    first_run, models, reference, inception_weights, tmp_path, monkeypatch
-):
+def test_generation_resumes_with_the_same_numbers(first_run, models, reference, inception_weights, tmp_path):
+    """The state a crash leaves (settings, the first finished chunk, a half-written chunk) is resumed: only the
+    missing samples are generated (whole groups regenerated, finished samples skipped), same numbers."""
     from jobs.eval_generate import main
 
     output = tmp_path / "b"
-    write = S.PartialResults.write
-
-    def crash_after_first_chunk(self, images, has_logits):
-        if self.chunks():
-            raise RuntimeError("simulated crash")
-        return write(self, images, has_logits)
-
-    monkeypatch.setattr(S.PartialResults, "write", crash_after_first_chunk)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(argv(models, reference, inception_weights, output))
-    monkeypatch.undo()
+    (output / "partial").mkdir(parents=True)
+    for name in ("settings.json", "chunk-000000.npz"):
+        shutil.copy(first_run / "partial" / name, output / "partial" / name)
+    (output / "partial" / "chunk-000001.npz.tmp").write_bytes(b"half a chunk")
     assert main(argv(models, reference, inception_weights, output)) == 0
     assert results(output)["run"]["images_this_run"] == N - 2
     assert results(output)["per_k"] == results(first_run)["per_k"]
