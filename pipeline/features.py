@@ -86,11 +86,11 @@ class InceptionStage:
     with a classifier), `feature_pass` int8 [B]; the image column is dropped."""
 
     def __init__(self, weights: str, device: str = "cpu", threads: int | None = None):
-        torch.set_grad_enabled(False)
         if threads:
             torch.set_num_threads(threads)
         self.net = Inception(weights, device=device if device != "cuda" or torch.cuda.is_available() else "cpu")
 
+    @torch.no_grad()  # not a global switch: stages also run in-process (tests, local mode)
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")  # [B, R, R, 3] uint8
         want = wanted_rows(batch)

@@ -70,7 +70,6 @@ class GenerateStage:
         from flextok import FlexTok
         from flextok.ar import ARModel
 
-        torch.set_grad_enabled(False)
         if threads:
             torch.set_num_threads(threads)
         device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
@@ -85,6 +84,7 @@ class GenerateStage:
         p = self.sampling
         return self.ar.generate(labels.to(self.ar.device), k, p.cfg_scale, p.temperature, p.top_k, p.top_p, gen).cpu()
 
+    @torch.no_grad()  # not a global switch: stages also run in-process (tests, local mode)
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         samples: list[tuple[str, int]] = []  # (key, label) in sample order
         prefixes: list[torch.Tensor] = []

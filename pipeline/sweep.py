@@ -164,7 +164,6 @@ class ReconstructStage:
     ):
         from flextok import FlexTok
 
-        torch.set_grad_enabled(False)
         if threads:
             torch.set_num_threads(threads)
         device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
@@ -172,6 +171,7 @@ class ReconstructStage:
         self.ks, self.s = ks, DecodeSettings(**settings)
         self.grid, self.real_features = set(grid_keys), real_features
 
+    @torch.no_grad()  # not a global switch: stages also run in-process (tests, local mode)
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         labels, errors = labels_of(batch, len(keys)), error_of(batch, len(keys))
