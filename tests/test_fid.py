@@ -28,12 +28,7 @@ from pipeline.fid import (
     precision_recall,
     save_reference,
 )
-from pipeline.inception import ensure_inception_weights, weights_only_loads
-
-
-@pytest.fixture(scope="session")
-def inception_weights() -> Path:
-    return ensure_inception_weights()
+from pipeline.inception import weights_only_loads
 
 
 def features(n: int, d: int = 64, seed: int = 0, shift: float = 0.0) -> np.ndarray:

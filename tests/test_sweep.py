@@ -17,15 +17,9 @@ from jobs.common import JobError
 from pipeline import sweep as S
 from pipeline.fid import FeatureStats, Reference, save_reference
 from pipeline.image_metrics import MAX_PSNR, pixel_metrics
-from pipeline.inception import ensure_inception_weights
 from pipeline.report import fid_figure
 
 N, KS = 8, "1,4,32"
-
-
-@pytest.fixture(scope="session")
-def inception_weights() -> Path:
-    return ensure_inception_weights()
 
 
 @pytest.fixture(scope="module")
