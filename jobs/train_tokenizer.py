@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", default="tiny", help="flextok preset: tiny | d12_d12 | d18_d18 | d18_d28")
     model.add_argument("--image-size", type=int, help="image size (default: the preset's)")
     model.add_argument("--num-registers", type=int, help="tokens per image (default: the preset's)")
+    model.add_argument("--patch-size", type=int, help="encoder and decoder patch size on the latent grid")
+    model.add_argument("--encoder-dim", type=int, help="encoder width (default: the preset's)")
+    model.add_argument("--encoder-depth", type=int, help="encoder blocks (default: the preset's)")
+    model.add_argument("--decoder-dim", type=int, help="decoder width (default: the preset's)")
+    model.add_argument("--decoder-depth", type=int, help="decoder blocks (default: the preset's)")
     model.add_argument("--nested-dropout", choices=["uniform", "pow2"], help="how k is drawn (preset's: uniform)")
     model.add_argument("--null-cond-prob", type=float, help="null-condition probability for CFG (preset's: 0.1)")
     model.add_argument("--init", help="start from this FlexTok checkpoint (ours or official); sets the model")
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     repa = p.add_argument_group("REPA")
     repa.add_argument("--repa-weight", type=float, default=0.0, help="weight of the REPA loss (0: off)")
+    repa.add_argument("--repa-hidden", type=int, default=2048, help="projector MLP width (2048)")
     repa.add_argument("--repa-layer", type=int, help="decoder block whose output is aligned (preset's)")
     repa.add_argument("--repa-teacher", choices=["random-conv", "dinov2"], default="random-conv", help="teacher")
     repa.add_argument("--repa-teacher-repo", help="dinov2: local torch.hub checkout (hubconf.py)")
@@ -46,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args: argparse.Namespace):
+    import torch
+
     from flextok import FlexTok, preset
 
     if args.init:
@@ -59,6 +67,13 @@ def model_config(args: argparse.Namespace):
         cfg.image_size = args.image_size
     if args.num_registers:
         cfg.encoder.num_registers = args.num_registers
+    if args.patch_size:
+        cfg.encoder.patch_size = cfg.decoder.patch_size = args.patch_size
+    for part in ("encoder", "decoder"):
+        for field in ("dim", "depth"):
+            value = getattr(args, f"{part}_{field}")
+            if value:
+                setattr(getattr(cfg, part), field, value)
     if args.nested_dropout:
         cfg.decoder.nested_dropout_mode = args.nested_dropout
     if args.null_cond_prob is not None:
@@ -69,8 +84,14 @@ def model_config(args: argparse.Namespace):
         fail(f"preset '{args.preset}' uses a KL VAE: give --vae-weights (or --init), or use pixel latents (tiny)")
     if args.repa_weight > 0 and (cfg.decoder.repa_layer is None or cfg.decoder.repa_layer >= cfg.decoder.depth):
         fail(f"--repa-weight needs --repa-layer in 0..{cfg.decoder.depth - 1}")
-    if args.init and (args.image_size or args.num_registers):
-        fail("--init fixes the model; --image-size / --num-registers cannot change it")
+    shape_flags = ("image_size", "num_registers", "patch_size", "encoder_dim", "encoder_depth", "decoder_dim")
+    if args.init and any(getattr(args, f) for f in (*shape_flags, "decoder_depth")):
+        fail("--init fixes the model's shape; drop --image-size, --num-registers, --patch-size, --*-dim, --*-depth")
+    try:
+        with torch.device("meta"):
+            FlexTok(cfg)  # shape errors now, not on the workers
+    except (ValueError, AssertionError) as e:
+        fail(f"model config: {e}")
     return cfg
 
 
@@ -98,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         model=cfg.to_dict(),
         hflip=not args.no_hflip,
         repa_weight=args.repa_weight,
+        repa_hidden=args.repa_hidden,
         teacher=teacher,
         vae_weights=args.vae_weights,
         init=args.init,

@@ -254,20 +254,12 @@ class TrainState:
     batches_in_epoch: int = 0  # optimizer steps already taken from this epoch's data
 
 
-def write_checkpoint(
-    directory: Path,
-    model_sd: dict[str, Tensor],
-    ema_sd: dict[str, Tensor],
-    extra_sd: dict[str, Tensor],
-    optimizer_sd: dict,
-    state: TrainState,
-    save_model,
-) -> None:
-    """`save_model(state_dict, folder)` writes one model in our format (the task knows how)."""
-    save_model(model_sd, directory / MODEL_DIR)
-    save_model(ema_sd, directory / EMA_DIR)
+def save_extra(directory: Path, extra_sd: dict[str, Tensor]) -> None:
     if extra_sd:
         save_file({k: v.contiguous() for k, v in extra_sd.items()}, str(directory / EXTRA_FILE))
+
+
+def save_train_state(directory: Path, optimizer_sd: dict, state: TrainState) -> None:
     torch.save({"train_state": asdict(state), "optimizer": optimizer_sd}, directory / STATE_FILE)
 
 

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from .train_common import (
     EMA,
+    EMA_DIR,
+    MODEL_DIR,
     LoopConfig,
     MetricsLog,
     TrainState,
@@ -49,12 +51,13 @@ from .train_common import (
     lr_at,
     make_optimizer,
     read_checkpoint,
+    save_extra,
+    save_train_state,
     split_state,
     step_generator,
     to_scalar,
     unwrap,
     wrap_model,
-    write_checkpoint,
 )
 
 MODEL_PREFIX = "model."  # the objective module holds the exported model as `.model`
@@ -277,23 +280,34 @@ def report(
     if not save:
         ray.train.report(metrics)
         return
-    model_full = full_model_state(model)  # collectives: every rank takes part
-    with ema.swapped():
-        ema_full = full_model_state(model)
-    optimizer_full = full_optimizer_state(model, optimizer)
-    name = checkpoint_name(state.step)
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        return
-    folder = Path(tempfile.mkdtemp(prefix="ckpt-"))
+    folder = Path(tempfile.mkdtemp(prefix="ckpt-")) if rank == 0 else None
     try:
-        model_sd, extra_sd = split_state(model_full, MODEL_PREFIX)
-        ema_sd, _ = split_state(ema_full, MODEL_PREFIX)
-        write_checkpoint(folder, model_sd, ema_sd, extra_sd, optimizer_full, state, task.save_model)
-        log.sync()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        # Collectives: every rank takes part. The state dicts may alias the live weights, so each is
+        # written before the next swap changes them.
+        model_sd, extra_sd = split_state(full_model_state(model), MODEL_PREFIX)
+        if folder:
+            task.save_model(model_sd, folder / MODEL_DIR)
+            save_extra(folder, extra_sd)
+        with ema.swapped():
+            ema_sd, _ = split_state(full_model_state(model), MODEL_PREFIX)
+            if folder:
+                task.save_model(ema_sd, folder / EMA_DIR)
+        optimizer_sd = full_optimizer_state(model, optimizer)
+        if folder:
+            save_train_state(folder, optimizer_sd, state)
+            log.sync()
+    except BaseException:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+    # Ray uploads the folder to storage and then deletes it (local mode, num_workers=0, keeps it in place)
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_dir_name=checkpoint_name(state.step),
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,11 +31,13 @@ from .train_loop import TrainTask
 class TokenizerObjective(nn.Module):
     """FlexTok (`.model`) and, with REPA, the projector from the decoder's `repa_layer` to the teacher."""
 
-    def __init__(self, cfg: FlexTokConfig, teacher_dim: int | None = None, repa_weight: float = 0.0):
+    def __init__(
+        self, cfg: FlexTokConfig, teacher_dim: int | None = None, repa_weight: float = 0.0, repa_hidden: int = 2048
+    ):
         super().__init__()
         self.model = FlexTok(cfg)
         self.repa_weight = repa_weight
-        self.projector = Projector(cfg.decoder.dim, teacher_dim) if teacher_dim else None
+        self.projector = Projector(cfg.decoder.dim, teacher_dim, repa_hidden) if teacher_dim else None
 
     def forward(
         self, images: Tensor, teacher: Tensor | None = None, generator: torch.Generator | None = None
@@ -63,6 +65,7 @@ class TokenizerTask(TrainTask):
     model: dict[str, Any]  # FlexTokConfig.to_dict()
     hflip: bool = True  # random horizontal flips (drawn from the step's generator)
     repa_weight: float = 0.0  # 0: no REPA
+    repa_hidden: int = 2048  # projector MLP width (REPA's)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     vae_weights: str | None = None  # kind="kl": AutoencoderKL safetensors (frozen); "pixel" needs none
     init: str | None = None  # start from this FlexTok checkpoint (ours or official) instead of random weights
@@ -80,7 +83,7 @@ class TokenizerTask(TrainTask):
         if self.repa_weight > 0:
             self._teacher = build_teacher(self.teacher)
         teacher_dim = int(self._teacher.dim) if self._teacher is not None else None
-        objective = TokenizerObjective(self.config, teacher_dim, self.repa_weight)
+        objective = TokenizerObjective(self.config, teacher_dim, self.repa_weight, self.repa_hidden)
         if self.init:
             load_state_dict_strict(objective.model, FlexTok.from_pretrained(self.init).state_dict())
         if self.vae_weights:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +25,9 @@ from pipeline.train_common import (
     make_optimizer,
     read_checkpoint,
     read_metrics,
+    save_extra,
+    save_train_state,
     step_generator,
-    write_checkpoint,
 )
 from pipeline.train_loop import accumulation_groups
 from pipeline.train_tokenizer import ImageCollate, TokenizerObjective, TokenizerTask
@@ -105,7 +107,10 @@ def test_checkpoint_folder_roundtrip_and_loaders(tmp_path):
     opt.step()
     state = TrainState(step=7, epoch=2, batches_in_epoch=3)
     extra = {"projector.net.0.weight": torch.ones(2, 2)}
-    write_checkpoint(tmp_path, model_sd, ema_sd, extra, opt.state_dict(), state, task.save_model)
+    task.save_model(model_sd, tmp_path / "model")
+    task.save_model(ema_sd, tmp_path / "ema")
+    save_extra(tmp_path, extra)
+    save_train_state(tmp_path, opt.state_dict(), state)
 
     loaded = FlexTok.from_pretrained(tmp_path / "model")  # our save_pretrained format
     assert loaded.cfg == objective.model.cfg
@@ -299,3 +304,26 @@ def test_ar_job_argument_errors(tmp_path, capsys):
     assert "--corpus is required" in capsys.readouterr().err
     assert run_main(main, ["--corpus", str(tmp_path), "--storage-path", "x", "--name", "n"]) == 2
     assert "not a flextok corpus" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the loop, in-process
+def test_loop_in_local_mode_checkpoints_model_ema_and_optimizer(ray_session, tmp_path):
+    """Ray Train's local mode (num_workers=0) runs the loop in this process: accumulation, EMA distinct from
+    the weights, metrics, and a checkpoint that loads."""
+    import ray
+
+    from pipeline.train_loop import Run, Scaling, run_training
+
+    rows = corpus_rows([[i % 7, (i * 3) % 11, 5, 1] for i in range(64)], [i % 10 for i in range(64)])
+    cfg = LoopConfig(steps=4, batch_size=8, grad_accum=2, lr=1e-2, checkpoint_every=2, log_every=1, ema_decay=0.5)
+    task = ARTask(model=ar_preset("tiny", num_classes=10, max_tokens=4, vocab_size=16).to_dict())
+    result = run_training(task, cfg, ray.data.from_arrow(rows), Scaling(num_workers=0), Run(str(tmp_path), "local"))
+    assert result.error is None
+    folder = Path(result.checkpoint.path)
+    model, ema = ARModel.from_pretrained(folder / "model"), ARModel.from_pretrained(folder / "ema")
+    assert not torch.equal(model.head.weight, ema.head.weight)
+    _, _, _, optimizer_sd, state = read_checkpoint(folder)
+    assert state.step == 4 and optimizer_sd["state"]
+    metrics = read_metrics(str(tmp_path / "local" / "tensorboard"))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["tokens_per_s"] > 0 for m in metrics)
