@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
     p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
     p.add_argument("--tokenizer-steps", type=int, default=600, help="tokenizer training steps (default 600)")
-    p.add_argument("--ar-steps", type=int, default=300, help="AR training steps (default 300)")
+    p.add_argument("--ar-steps", type=int, default=150, help="AR training steps (default 150)")
     p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="decoder guidance (release models: 7.5)")
     p.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
-    p.add_argument("--num-samples", type=int, default=250, help="generated images per k for gFID (default 250)")
+    p.add_argument("--num-samples", type=int, default=100, help="generated images per k for gFID (default 100)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: CPU only)")
     p.add_argument("--seed", type=int, default=0)
     return p
