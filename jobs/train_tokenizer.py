@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     repa.add_argument("--repa-hidden", type=int, default=2048, help="projector MLP width (2048)")
     repa.add_argument("--repa-layer", type=int, help="decoder block whose output is aligned (preset's)")
     repa.add_argument("--repa-teacher", choices=["random-conv", "dinov2"], default="random-conv", help="teacher")
+    repa.add_argument("--repa-teacher-dim", type=int, default=64, help="random-conv: feature width (64)")
     repa.add_argument("--repa-teacher-repo", help="dinov2: local torch.hub checkout (hubconf.py)")
     repa.add_argument("--repa-teacher-weights", help="dinov2: local weights file")
     repa.add_argument("--repa-teacher-model", default="dinov2_vitl14", help="dinov2: hub entry point")
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         repo=args.repa_teacher_repo,
         weights=args.repa_teacher_weights,
         model=args.repa_teacher_model,
+        dim=args.repa_teacher_dim,
     )
     if args.repa_weight > 0 and teacher.kind == "dinov2" and not (teacher.repo and teacher.weights):
         fail("--repa-teacher dinov2 needs --repa-teacher-repo and --repa-teacher-weights (local files)")

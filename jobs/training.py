@@ -39,6 +39,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     loop.add_argument("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay")
     loop.add_argument("--beta1", type=float, default=D.beta1, help="AdamW beta1")
     loop.add_argument("--beta2", type=float, default=D.beta2, help="AdamW beta2")
+    loop.add_argument("--adam-eps", type=float, default=D.adam_eps, help="AdamW epsilon")
     loop.add_argument("--grad-clip", type=float, default=D.grad_clip, help="max gradient norm (0: off)")
     loop.add_argument("--ema-decay", type=float, default=D.ema_decay, help="EMA decay per step")
     loop.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="steps between checkpoints")

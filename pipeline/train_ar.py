@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,6 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor, nn
 
 from flextok.ar import ARConfig, ARModel
-from flextok.checkpoint import load_state_dict_strict
 
 from .train_common import LoopConfig
 from .train_loop import TrainTask
@@ -91,12 +89,8 @@ class ARTask(TrainTask):
     def build(self) -> nn.Module:
         return ARObjective(self.config)
 
-    def save_model(self, state: dict[str, Tensor], directory: Path) -> None:
-        with torch.device("meta"):
-            model = ARModel(self.config)
-        model = model.to_empty(device="cpu")
-        load_state_dict_strict(model, state)
-        model.save_pretrained(directory)
+    def new_model(self) -> ARModel:
+        return ARModel(self.config)
 
     def batches(self, shard: Any, epoch: int, micro_batch: int, cfg: LoopConfig) -> Iterator[dict[str, Tensor]]:
         return shard.iter_torch_batches(

@@ -47,6 +47,7 @@ class LoopConfig:
     weight_decay: float = 0.05  # on matrices and embeddings only
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8  # tiny models: gradients behind zero-initialised layers start far below 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -117,7 +118,7 @@ def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
 
 
 class EMA:

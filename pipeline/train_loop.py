@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from flextok.checkpoint import load_state_dict_strict
+
 from .train_common import (
     EMA,
     EMA_DIR,
@@ -74,8 +76,16 @@ class TrainTask(ABC):
         """The objective: `.model` is what gets exported; forward(**inputs, generator) -> {"loss", ...}."""
 
     @abstractmethod
+    def new_model(self) -> nn.Module:
+        """A fresh instance of the exported model (FlexTok, ARModel): it has `save_pretrained`."""
+
     def save_model(self, state: dict[str, Tensor], directory: Path) -> None:
         """Write the `.model` state dict as a checkpoint folder in our `save_pretrained` format."""
+        with torch.device("meta"):  # no memory for weights that are overwritten at once
+            model = self.new_model()
+        model = model.to_empty(device="cpu")
+        load_state_dict_strict(model, state)
+        model.save_pretrained(directory)
 
     @abstractmethod
     def batches(self, shard: Any, epoch: int, micro_batch: int, cfg: LoopConfig) -> Iterator[dict[str, Tensor]]:
@@ -167,12 +177,15 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA) -> Tra
         return TrainState()
     with checkpoint.as_directory() as folder:
         model_sd, ema_sd, extra_sd, optimizer_sd, state = read_checkpoint(Path(folder))
-    prefixed = lambda sd: {MODEL_PREFIX + k: v for k, v in sd.items()}  # noqa: E731
-    load_full_model_state(model, {**prefixed(ema_sd), **extra_sd})
+    load_full_model_state(model, {**with_prefix(ema_sd), **extra_sd})
     ema.copy_from_model()
-    load_full_model_state(model, {**prefixed(model_sd), **extra_sd})
+    load_full_model_state(model, {**with_prefix(model_sd), **extra_sd})
     load_full_optimizer_state(model, optimizer, optimizer_sd)
     return state
+
+
+def with_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {MODEL_PREFIX + k: v for k, v in state.items()}
 
 
 def accumulation_groups(batches: Iterator[dict], n: int) -> Iterator[list[dict]]:

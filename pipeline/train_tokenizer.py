@@ -94,12 +94,8 @@ class TokenizerTask(TrainTask):
         if self._teacher is not None:
             self._teacher = self._teacher.to(device)
 
-    def save_model(self, state: dict[str, Tensor], directory: Path) -> None:
-        with torch.device("meta"):
-            model = FlexTok(self.config)
-        model = model.to_empty(device="cpu")
-        load_state_dict_strict(model, state)
-        model.save_pretrained(directory)
+    def new_model(self) -> FlexTok:
+        return FlexTok(self.config)
 
     def batches(self, shard: Any, epoch: int, micro_batch: int, cfg: LoopConfig) -> Iterator[dict[str, Tensor]]:
         return shard.iter_torch_batches(
