@@ -1,7 +1,7 @@
 """The end-to-end demo: every job of the project, small enough for a laptop CPU, ending in a report folder.
 
     flextok demo                       # = make demo; writes out/demo/index.html
-    flextok demo --output out/demo2 --tokenizer-steps 600
+    flextok demo --output out/demo2 --tokenizer-steps 2000
 
 On the ImageNet sample (250 photos, `<repo>/../shared/data/imagenet-sample`, or $FLEXTOK_SHARED, or --images)
 it runs, on one local Ray instance: webdataset shards -> train a tiny tokenizer -> pretokenize -> validate
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32, help="image size of the tiny tokenizer (default 32)")
     p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
     p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
-    p.add_argument("--tokenizer-steps", type=int, default=600, help="tokenizer training steps (default 600)")
+    p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
     p.add_argument("--ar-steps", type=int, default=150, help="AR training steps (default 150)")
     p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="decoder guidance (release models: 7.5)")
