@@ -49,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
     p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
-    p.add_argument("--ar-steps", type=int, default=150, help="AR training steps (default 150)")
+    p.add_argument("--ar-steps", type=int, default=100, help="AR training steps (default 100)")
     p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="decoder guidance (release models: 7.5)")
     p.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
-    p.add_argument("--num-samples", type=int, default=100, help="generated images per k for gFID (default 100)")
+    p.add_argument(
+        "--eval-images", type=int, default=128, help="photos in the reconstruction sweep and the FID reference (128)"
+    )
+    p.add_argument("--num-samples", type=int, default=64, help="generated images per k for gFID (default 64)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: CPU only)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -102,7 +105,10 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
     """The demo as job runs in order; each reads what the ones before wrote."""
     shards = out.job("shards") + "/shard-*.tar"
     model = args.model or out.job("tokenizer")
-    gpu_eval = ["--actors", str(args.gpus), "--gpus-per-actor", "1"] if args.gpus else []
+    # On a CPU the decoder and Inception stages each take every core: they overlap only briefly, and Inception
+    # (most of the eval time) would otherwise run on one thread.
+    cpu_threads = ["--torch-threads", str(os.cpu_count() or 1)]
+    gpu_eval = ["--actors", str(args.gpus), "--gpus-per-actor", "1"] if args.gpus else cpu_threads
     decode = ["--ks", args.ks, "--timesteps", str(args.timesteps), "--guidance-scale", str(args.guidance_scale)]
     decode += ["--apg"] if args.apg else []
     steps = [
@@ -126,7 +132,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         ]),
         Step(("eval", "sweep"), "jobs.eval_sweep", [
             "--model", model, "--input", shards, "--output", out.job("recon"), *decode, "--seed", str(args.seed),
-            *gpu_eval,
+            "--num-samples", str(args.eval_images), *gpu_eval,
         ]),
         Step(("eval", "generate"), "jobs.eval_generate", [
             "--ar-model", out.job("ar"), "--model", model,
@@ -186,7 +192,7 @@ def fid_plot(recon: dict, gen: dict, title: str, path: Path) -> None:
     ax = fig.add_subplot()
     ks: set[int] = set()
     for results, label, marker in (
-        (recon, "rFID: reconstructions of the 250 photos", "o"),
+        (recon, "rFID: reconstructions of the photos", "o"),
         (gen, "gFID: AR samples", "s"),
     ):
         rows = [r for r in results["per_k"] if r.get("fid") is not None]
@@ -195,7 +201,7 @@ def fid_plot(recon: dict, gen: dict, title: str, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
     ax.set_xlabel("number of tokens k (prefix length)")
-    ax.set_ylabel("FID against the 250 photos (lower is better)")
+    ax.set_ylabel("FID against the photos (lower is better)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -247,7 +253,8 @@ class-conditional AR model, trained on those token sequences, generates new ones
 <h2>FID against the number of tokens</h2>
 <img src="fid_vs_tokens.png" alt="FID vs k">
 {metrics_table(recon, gen)}
-<p>FID on 250 small images is dominated by its small-sample bias: compare values across k, not with papers.</p>
+<p>FID on {recon["work"]["images"]} small images is dominated by its small-sample bias: compare values across k,
+not with papers.</p>
 <h2>AR samples, decoded from their first k tokens</h2>
 <img src="samples_grid.png" alt="samples grid">
 <h2>Settings</h2><table>{setting_rows}</table>
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8, got {args.ks!r}")
     if not args.model and not all(1 <= k <= args.num_tokens for k in ks):
         fail(f"--ks must lie in 1..{args.num_tokens} (--num-tokens), got {args.ks}")
-    for name in ("tokenizer_steps", "ar_steps", "timesteps", "num_samples"):
+    for name in ("tokenizer_steps", "ar_steps", "timesteps", "eval_images", "num_samples"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Layout(Path(args.output))
