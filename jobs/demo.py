@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
     p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
-    p.add_argument("--ar-steps", type=int, default=100, help="AR training steps (default 100)")
+    p.add_argument("--ar-steps", type=int, default=60, help="AR training steps (default 60)")
     p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="decoder guidance (release models: 7.5)")
     p.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")

@@ -112,7 +112,9 @@ class InceptionStage:
 def with_inception_features(ds, weights: str, res: Resources):
     """Append Inception features to every row of a Ray Dataset that has an `image` column."""
     return ds.map_batches(
-        InceptionStage, fn_constructor_kwargs={"weights": str(weights), "device": res.device}, **res.map_kwargs()
+        InceptionStage,
+        fn_constructor_kwargs={"weights": str(weights), "device": res.device, "threads": res.threads},
+        **res.map_kwargs(),
     )
 
 

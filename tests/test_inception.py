@@ -130,3 +130,23 @@ def test_weights_with_a_classifier_give_logits(inception_weights, net, tmp_path)
     with_fc.require_classifier()
     out = with_fc(np.zeros((2, 32, 32, 3), np.uint8))
     assert out["logits"].shape == (2, 1008) and torch.isfinite(out["logits"]).all()
+
+
+def test_the_inception_stage_runs_with_the_stage_torch_threads(inception_weights):
+    """Ray gives a fractional-CPU actor one OpenMP thread; the stage must set the threads it was given."""
+    from pipeline.features import Resources, with_inception_features
+
+    class RecordingDataset:
+        def map_batches(self, fn, fn_constructor_kwargs, **kwargs):
+            self.call = (fn, fn_constructor_kwargs, kwargs)
+            return self
+
+    ds = with_inception_features(RecordingDataset(), str(inception_weights), Resources(cpus=0.5, torch_threads=2))
+    stage, constructor_kwargs, _ = ds.call
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        stage(**constructor_kwargs)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
