@@ -255,7 +255,8 @@ class-conditional AR model, trained on those token sequences, generates new ones
 {metrics_table(recon, gen)}
 <p>FID on {recon["work"]["images"]} small images is dominated by its small-sample bias: compare values across k,
 not with papers.</p>
-<h2>AR samples, decoded from their first k tokens</h2>
+<h2>AR samples: k tokens generated, then decoded</h2>
+<p>Each column k has its own samples; row i is class i of the sample set.</p>
 <img src="samples_grid.png" alt="samples grid">
 <h2>Settings</h2><table>{setting_rows}</table>
 <h2>Steps</h2><p>Each step is the job <code>flextok</code> runs, with these arguments.</p><table>{step_rows}</table>
