@@ -62,6 +62,7 @@ class Sizes:
     timesteps: int = 25  # decoder Euler steps (the release's setting)
     guidance: float = 7.5  # with APG: two decoder passes (conditional + unconditional) per step
     repeats: int = 3  # timed calls after the warm-up
+    bf16: bool = True  # autocast for tokenize/detokenize (the CPU smoke runs float32: CPU bf16 is very slow)
     matmul_n: int = 8192
     ar_models: tuple[str, ...] = ("d12", "d30")
     ar_batch: int = 64  # sequences per step
@@ -85,6 +86,7 @@ SMOKE = Sizes(
     device="cpu",
     tokenizers=("tiny", "d12_d12"),  # d12_d12: the AutoencoderKL path too
     batch=2,
+    bf16=False,
     timesteps=1,
     repeats=1,
     matmul_n=256,
@@ -244,6 +246,10 @@ def row_matmul(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     return [Row("matmul bf16 peak", tflops, "TFLOP/s", how)]
 
 
+def precision(s: Sizes) -> str:
+    return "bf16 autocast" if s.bf16 else "float32"
+
+
 def row_tokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     rows = []
     for name in s.tokenizers:
@@ -253,14 +259,14 @@ def row_tokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
             model = random_tokenizer(cfg, s.device)
             R = cfg.image_size
             images = torch.rand(s.batch, 3, R, R, device=s.device) * 2 - 1
-            autocast = torch.autocast(s.device, dtype=torch.bfloat16)
+            autocast = torch.autocast(s.device, dtype=torch.bfloat16, enabled=s.bf16)
 
             def call(model=model, images=images, autocast=autocast):
                 with autocast:
                     return model.tokenize(images)
 
             t = seconds_per_call(call, s.device, s.repeats, guard)
-            how = f"FlexTok.tokenize, random weights, bf16 autocast, batch {s.batch} at {R}x{R}, median of "
+            how = f"FlexTok.tokenize, random weights, {precision(s)}, batch {s.batch} at {R}x{R}, median of "
             how += f"{s.repeats} after a warm-up{note}"
             rows.append(Row(f"tokenize {name}", s.batch / t, "images/s", how, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - one preset failing leaves the other
@@ -284,7 +290,7 @@ def row_detokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
             n = cfg.num_registers
             tokens = torch.randint(0, model.codebook_size, (s.batch, n), device=s.device)
             noise = torch.randn(s.batch, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size, device=s.device)
-            autocast = torch.autocast(s.device, dtype=torch.bfloat16)
+            autocast = torch.autocast(s.device, dtype=torch.bfloat16, enabled=s.bf16)
 
             def call(steps, model=model, tokens=tokens, noise=noise, autocast=autocast):
                 with autocast:
@@ -293,8 +299,8 @@ def row_detokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
             # warm-up with 2 steps: the same kernels and shapes, a fraction of the time
             t = seconds_per_call(lambda: call(s.timesteps), s.device, s.repeats, guard, warmup=lambda: call(2))
             how = f"FlexTok.detokenize, k = {n} tokens, {s.timesteps} Euler steps, guidance {s.guidance} with APG "
-            how += f"(2 decoder passes per step: decoder batch {2 * s.batch}) + VAE decode, random weights, bf16 "
-            how += f"autocast, batch {s.batch} at {cfg.image_size}x{cfg.image_size}, median of {s.repeats}{note}"
+            how += f"(2 decoder passes per step: decoder batch {2 * s.batch}) + VAE decode, random weights, "
+            how += f"{precision(s)}, batch {s.batch} at {cfg.image_size}x{cfg.image_size}, median of {s.repeats}{note}"
             rows.append(Row(f"detokenize {name}", s.batch / t, "images/s", how, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001
             rows.append(Row(f"detokenize {name}", None, "images/s", f"error: {one_line(e)}", time.perf_counter() - t0))
@@ -358,9 +364,27 @@ def train_steps_per_s(task, batches: list[dict], cfg, device: str, warmup: int, 
         torch.backends.cuda.matmul.allow_tf32 = tf32  # later rows run as their stages do
 
 
+def ar_steps_per_s(task, batch: int, length: int, s: Sizes, guard: TimeGuard) -> float:
+    """train_step rate on two alternating random batches of `batch` sequences of `length` tokens."""
+    from pipeline.train_common import LoopConfig
+
+    cfg = task.cfg
+    g = torch.Generator().manual_seed(0)
+    B, T = batch, length
+    batches = [
+        {
+            "labels": torch.randint(0, cfg.num_classes, (B,), generator=g),
+            "tokens": torch.randint(0, cfg.vocab_size, (B, T), generator=g),
+            "lengths": torch.full((B,), T),
+        }
+        for _ in range(2)
+    ]
+    loop = LoopConfig(steps=10**6, batch_size=B, lr=1e-4, precision="bf16")
+    return train_steps_per_s(task, batches, loop, s.device, s.warmup_steps, s.ar_steps, guard)
+
+
 def row_ar_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     from flextok.ar import ar_preset
-    from pipeline.train_common import LoopConfig
     from pipeline.train_loop import TrainTask
 
     class ARBenchTask(TrainTask):
@@ -390,22 +414,20 @@ def row_ar_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
         try:
             cfg = ar_preset(name, max_tokens=s.ar_tokens)
             flops_per_token, N = ar_flops_per_token(cfg)
-            g = torch.Generator().manual_seed(0)
-            T, B = s.ar_tokens, s.ar_batch
-            batches = [
-                {
-                    "labels": torch.randint(0, cfg.num_classes, (B,), generator=g),
-                    "tokens": torch.randint(0, cfg.vocab_size, (B, T), generator=g),
-                    "lengths": torch.full((B,), T),
-                }
-                for _ in range(2)
-            ]
-            loop = LoopConfig(steps=10**6, batch_size=B, lr=1e-4, precision="bf16")
-            rate = train_steps_per_s(ARBenchTask(cfg), batches, loop, s.device, s.warmup_steps, s.ar_steps, guard)
+            T, B, note = s.ar_tokens, s.ar_batch, ""
+            while True:  # out of memory: half the batch, said in the row
+                try:
+                    rate = ar_steps_per_s(ARBenchTask(cfg), B, T, s, guard)
+                    break
+                except torch.OutOfMemoryError:
+                    if B == 1:
+                        raise
+                B, note = B // 2, f" (batch {s.ar_batch} ran out of memory)"
+                free_memory()  # here, not in the except block: its traceback still holds the model
             tokens_per_s = rate * B * T
             mfu = tokens_per_s * flops_per_token / (peak * 1e12)
             how = f"train_step (bf16 autocast, AdamW, clip, EMA), batch {B} x {T} tokens, {s.ar_steps} steps after "
-            how += f"{s.warmup_steps}; N = {N / 1e6:.0f}M (blocks + head)"
+            how += f"{s.warmup_steps}; N = {N / 1e6:.0f}M (blocks + head){note}"
             rows.append(Row(f"AR train {name} tokens/s", tokens_per_s, "tokens/s", how, time.perf_counter() - t0))
             how = f"tokens/s x (6N + 12 L D T) = {flops_per_token / 1e9:.2f} GFLOP/token (L={cfg.depth}, "
             how += f"D={cfg.dim}, T={T}) / {peak_note}"
@@ -413,7 +435,6 @@ def row_ar_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
         except Exception as e:  # noqa: BLE001
             rows.append(Row(f"AR train {name}", None, "tokens/s", f"error: {one_line(e)}", time.perf_counter() - t0))
         finally:
-            batches = None
             free_memory()
     return rows
 
