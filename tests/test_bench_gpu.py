@@ -78,6 +78,21 @@ def test_time_guard_skips_rows_once_the_budget_is_spent(monkeypatch):
     assert all(r.value is None and "time guard" in r.how for r in rows)
 
 
+def test_hard_stop_ends_the_run_even_through_a_rows_own_error_handling(monkeypatch):
+    def stuck(s, guard, ctx):
+        try:
+            raise gpu.TimeUpError  # what the SIGALRM/SIGTERM handler raises
+        except Exception:  # noqa: BLE001 - a row's own handling must not swallow it
+            return [gpu.Row("swallowed", 0.0, "", "")]
+
+    ran = []
+    monkeypatch.setitem(gpu.ROWS, "stuck", stuck)
+    monkeypatch.setitem(gpu.ROWS, "fine", lambda s, guard, ctx: ran.append(1) or [gpu.Row("fine", 1.0, "", "")])
+    rows = gpu.run_rows(["stuck", "fine"], gpu.SMOKE, gpu.TimeGuard(60), {}, lambda rows: None)
+    assert rows[0].how == "not measured: stopped by the time guard's hard limit"
+    assert ran == [] and "time guard" in rows[1].how
+
+
 def test_ar_flops_per_token_is_6n_plus_attention():
     from flextok.ar import ar_preset
 
