@@ -35,6 +35,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def seconds_per_call(fn: Callable[[], object], device: str, repeats: int, guard: TimeGuard, warmup=None) -> float:
-    """Median seconds of `repeats` calls of fn after one warm-up call (`warmup` if given, else fn); stops
-    repeating early when the guard has less than two calls' time left (at least one call is timed)."""
+def seconds_per_call(
+    fn: Callable[[], object], device: str, repeats: int, guard: TimeGuard, warmup=None
+) -> tuple[float, int]:
+    """(median seconds, calls timed) of up to `repeats` calls of fn after one warm-up call (`warmup` if given,
+    else fn); stops repeating early when the guard has less than two calls' time left (at least one is timed)."""
     (warmup or fn)()
     sync(device)
     times: list[float] = []
@@ -170,7 +173,7 @@ def seconds_per_call(fn: Callable[[], object], device: str, repeats: int, guard:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), len(times)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -249,10 +252,10 @@ def row_matmul(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     n = s.matmul_n
     a, b = (torch.randn(n, n, device=s.device, dtype=torch.bfloat16) for _ in range(2))  # random: zeros run faster
     repeats = 20 if s.device == "cuda" else 2
-    t = seconds_per_call(lambda: a @ b, s.device, repeats, guard)
+    t, timed = seconds_per_call(lambda: a @ b, s.device, repeats, guard)
     tflops = 2 * n**3 / t / 1e12
     ctx["peak_tflops"] = tflops
-    how = f"bf16 {n}x{n} @ {n}x{n}, random normal data, 2n^3 FLOP / median of {repeats} calls after a warm-up"
+    how = f"bf16 {n}x{n} @ {n}x{n}, random normal data, 2n^3 FLOP / median of {timed} calls after a warm-up"
     return [Row("matmul bf16 peak", tflops, "TFLOP/s", how)]
 
 
@@ -275,14 +278,14 @@ def row_tokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
                 with autocast:
                     return model.tokenize(images)
 
-            t = seconds_per_call(call, s.device, s.repeats, guard)
+            t, timed = seconds_per_call(call, s.device, s.repeats, guard)
             how = f"FlexTok.tokenize, random weights, {precision(s)}, batch {s.batch} at {R}x{R}, median of "
-            how += f"{s.repeats} after a warm-up{note}"
+            how += f"{timed} after a warm-up{note}"
             rows.append(Row(f"tokenize {name}", s.batch / t, "images/s", how, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - one preset failing leaves the other
             rows.append(Row(f"tokenize {name}", None, "images/s", f"error: {one_line(e)}", time.perf_counter() - t0))
         finally:
-            model = images = None
+            model = images = call = None
             free_memory()
     return rows
 
@@ -307,15 +310,15 @@ def row_detokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
                     return model.detokenize(tokens, steps, s.guidance, apg=True, noise=noise)
 
             # warm-up with 2 steps: the same kernels and shapes, a fraction of the time
-            t = seconds_per_call(lambda: call(s.timesteps), s.device, s.repeats, guard, warmup=lambda: call(2))
+            t, timed = seconds_per_call(partial(call, s.timesteps), s.device, s.repeats, guard, partial(call, 2))
             how = f"FlexTok.detokenize, k = {n} tokens, {s.timesteps} Euler steps, guidance {s.guidance} with APG "
             how += f"(2 decoder passes per step: decoder batch {2 * s.batch}) + VAE decode, random weights, "
-            how += f"{precision(s)}, batch {s.batch} at {cfg.image_size}x{cfg.image_size}, median of {s.repeats}{note}"
+            how += f"{precision(s)}, batch {s.batch} at {cfg.image_size}x{cfg.image_size}, median of {timed}{note}"
             rows.append(Row(f"detokenize {name}", s.batch / t, "images/s", how, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001
             rows.append(Row(f"detokenize {name}", None, "images/s", f"error: {one_line(e)}", time.perf_counter() - t0))
         finally:
-            model = tokens = noise = None
+            model = tokens = noise = call = None
             free_memory()
     return rows
 
@@ -436,12 +439,14 @@ def row_ar_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
                 free_memory()  # here, not in the except block: its traceback still holds the model
             tokens_per_s = rate * B * T
             mfu = tokens_per_s * flops_per_token / (peak * 1e12)
-            how = f"train_step (bf16 autocast, AdamW, clip, EMA), batch {B} x {T} tokens, {s.ar_steps} steps after "
+            amp = "bf16 autocast" if s.device == "cuda" else "float32"
+            how = f"train_step ({amp}, AdamW, clip, EMA), batch {B} x {T} tokens, {s.ar_steps} steps after "
             how += f"{s.warmup_steps}; N = {N / 1e6:.0f}M (blocks + head){note}"
-            rows.append(Row(f"AR train {name} tokens/s", tokens_per_s, "tokens/s", how, time.perf_counter() - t0))
+            seconds = time.perf_counter() - t0
+            rows.append(Row(f"AR train {name} tokens/s", tokens_per_s, "tokens/s", how, seconds))
             how = f"tokens/s x (6N + 12 L D T) = {flops_per_token / 1e9:.2f} GFLOP/token (L={cfg.depth}, "
             how += f"D={cfg.dim}, T={T}) / {peak_note}"
-            rows.append(Row(f"AR train {name} MFU", 100 * mfu, "%", how))
+            rows.append(Row(f"AR train {name} MFU", 100 * mfu, "%", how, seconds))
         except Exception as e:  # noqa: BLE001
             rows.append(Row(f"AR train {name}", None, "tokens/s", f"error: {one_line(e)}", time.perf_counter() - t0))
         finally:
@@ -487,11 +492,11 @@ def row_inception(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     B, R = s.inception_batch, 256
     images = photo_like_images(B, R)
     on_device = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(s.device)
-    t_net = seconds_per_call(lambda: stage.net.net(on_device), s.device, 3 * s.repeats, guard)
+    t_net, timed = seconds_per_call(lambda: stage.net.net(on_device), s.device, 3 * s.repeats, guard)
     keys = np.array([f"{i}" for i in range(B)], dtype=object)
-    t_stage = seconds_per_call(lambda: stage({"key": keys, "image": images}), s.device, 3 * s.repeats, guard)
+    t_stage, _ = seconds_per_call(lambda: stage({"key": keys, "image": images}), s.device, 3 * s.repeats, guard)
     how = f"inception-v3-compat, {note}, float32 (cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}), "
-    how += f"batch {B} uint8 {R}x{R} (resized to 299 inside), median of {3 * s.repeats}"
+    how += f"batch {B} uint8 {R}x{R} (resized to 299 inside), median of {timed}"
     return [
         Row("Inception network", B / t_net, "images/s", f"{how}: the network on device tensors"),
         Row("Inception stage", B / t_stage, "images/s", f"{how}: InceptionStage, numpy in -> features out"),
@@ -520,11 +525,14 @@ def row_sweep(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     R = stage.model.cfg.image_size
     images = photo_like_images(s.sweep_images, R)
     batch = {"key": np.array([f"img{i}" for i in range(len(images))], dtype=object), "image": images}
-    t = seconds_per_call(lambda: stage(dict(batch)), s.device, max(1, s.repeats - 1), guard, lambda: warm(dict(batch)))
+    t, timed = seconds_per_call(
+        lambda: stage(dict(batch)), s.device, max(1, s.repeats - 1), guard, lambda: warm(dict(batch))
+    )
     n = len(images) * len(s.sweep_ks)
     how = f"ReconstructStage as the sweep job runs it (float32, no autocast): {s.sweep_model} random weights, "
     how += f"{len(images)} images x k in {list(s.sweep_ks)}, {s.timesteps} steps, guidance {s.guidance} + APG, "
-    how += f"decode batch {s.decode_batch}, one encode per image, pixel metrics{note}"
+    how += f"decode batch {s.decode_batch}, one encode per image, pixel metrics; median of {timed} after a 1-step "
+    how += f"warm-up{note}"
     return [
         Row("sweep decode", n / t, "recon/s", how),
         Row("sweep decode, input images", len(images) / t, "images/s", "the same calls per input image"),
@@ -663,9 +671,11 @@ ROW_IMPORTS = {
 
 
 # --------------------------------------------------------------------------------------------- running
-def run_rows(names: list[str], s: Sizes, guard: TimeGuard, ctx: dict, emit: Callable[[list[Row]], None]) -> list[Row]:
-    """Run each row in order; an error or the time guard ends that row only (one line), then the next."""
-    done: list[Row] = []
+def run_rows(
+    names: list[str], s: Sizes, guard: TimeGuard, ctx: dict, emit: Callable[[list[Row]], None], done=None
+) -> list[Row]:
+    """Run each row in order, appending to `done`; an error or the time guard ends that row only (one line)."""
+    done = [] if done is None else done
     for name in names:
         t0 = time.perf_counter()
         if guard.left() <= 0:
@@ -682,7 +692,7 @@ def run_rows(names: list[str], s: Sizes, guard: TimeGuard, ctx: dict, emit: Call
             free_memory()
         for row in rows:
             row.seconds = row.seconds or time.perf_counter() - t0
-        done += rows
+        done.extend(rows)
         emit(done)
     return done
 
@@ -806,12 +816,16 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {sig: signal.signal(sig, hard_stop) for sig in (signal.SIGALRM, signal.SIGTERM)}
     signal.alarm(int(args.budget) + 45)
+    rows: list[Row] = []
+    header = ""
     try:
         env = environment(s)
         header = " ".join(f"{k}={v}" for k, v in env.items())
         print(f"[env] {header}", flush=True)
         ctx = {"inception_weights": args.inception_weights}
-        rows = run_rows(args.rows, s, guard, ctx, writer(args.out, header, env))
+        run_rows(args.rows, s, guard, ctx, writer(args.out, header, env), rows)
+    except TimeUpError:
+        print("[gpu.py] the hard limit stopped the run between rows", flush=True)
     finally:  # leave the process as found (tests call main in-process)
         signal.alarm(0)
         for sig, handler in handlers.items():

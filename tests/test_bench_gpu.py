@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,20 @@ def test_hard_stop_ends_the_run_even_through_a_rows_own_error_handling(monkeypat
     rows = gpu.run_rows(["stuck", "fine"], gpu.SMOKE, gpu.TimeGuard(60), {}, lambda rows: None)
     assert rows[0].how == "not measured: stopped by the time guard's hard limit"
     assert ran == [] and "time guard" in rows[1].how
+
+
+def test_sigterm_stops_the_run_and_the_table_still_prints(monkeypatch, capsys):
+    def killed(s, guard, ctx):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does at the hard limit
+        time.sleep(5)  # the handler raises during this
+        return [gpu.Row("never", 1.0, "", "")]
+
+    monkeypatch.setitem(gpu.ROWS, "killed", killed)
+    monkeypatch.setitem(gpu.ROWS, "fine", lambda s, guard, ctx: [gpu.Row("fine", 1.0, "", "")])
+    assert gpu.main(["--cpu-smoke", "--only", "killed,fine", "--out", ""]) == 0
+    table = capsys.readouterr().out.split("## bench/gpu.py")[-1]
+    assert "| killed | - |  |" in table and "stopped by the time guard's hard limit" in table
+    assert "| fine | - |  |" in table and "skipped by the time guard" in table
 
 
 def test_ar_flops_per_token_is_6n_plus_attention():
