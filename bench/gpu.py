@@ -584,7 +584,7 @@ def row_pretokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
             bare.append(len(x) / (time.perf_counter() - t0))
         del actor
         free_memory()
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             cfg = PretokenizeConfig(
                 model=model_dir,
@@ -629,7 +629,7 @@ def row_ray_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     batches = [{"images": to_model_input(images[i : i + B])} for i in range(0, len(images), B)]
     plain = train_steps_per_s(task, batches, loop, s.device, s.warmup_steps, s.train_steps, guard)
     free_memory()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         dataset = ray.data.from_numpy(images).rename_columns({"data": "image"}).materialize()
