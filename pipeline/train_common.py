@@ -57,7 +57,7 @@ class LoopConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where CUDA is present
     shuffle_buffer: int = 1000  # rows in each worker's local shuffle buffer; 0 = data order
-    tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local copy synced if remote)
+    tensorboard_dir: str | None = None  # default: <run folder>/tensorboard (local copy synced if remote)
 
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the option when the numbers do not fit together."""
@@ -340,8 +340,8 @@ def read_metrics(url: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def default_tensorboard_dir(storage_path: str, name: str) -> str:
-    return storage_path.rstrip("/") + f"/{name}/tensorboard"
+def default_tensorboard_dir(output: str) -> str:
+    return output.rstrip("/") + "/tensorboard"
 
 
 def to_scalar(x: Any) -> float:
