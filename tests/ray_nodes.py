@@ -45,6 +45,7 @@ class LocalRayNode:
         self.env.update(
             RAY_AUTH_MODE="disabled",
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+            RAY_DASHBOARD_STARTUP_TIMEOUT_S="300",  # default 60: too short on a busy 2-core machine
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         cmd = [
@@ -69,7 +70,7 @@ class LocalRayNode:
             cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
+    def wait_ready(self, timeout_s: float = 360) -> None:
         """A head: until its dashboard answers. A worker node: until `ray start` says the runtime started."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

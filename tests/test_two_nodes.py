@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from conftest import FEW_FOOTER_READERS
 from ray_nodes import EXCLUDES, LocalRayNode, wait_for_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +71,9 @@ def submit(cluster, s3_env: dict[str, str], entrypoint: str) -> None:
 
     head, _ = cluster
     client = JobSubmissionClient(head.dashboard_url)
+    env_vars = {**s3_env, "PYTHONUNBUFFERED": "1", FEW_FOOTER_READERS[0]: FEW_FOOTER_READERS[1]}
     job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": {**s3_env, "PYTHONUNBUFFERED": "1"}},
+        entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env_vars}
     )
     status, logs = wait_for_job(client, job_id)
     assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-4000:]}"
