@@ -71,23 +71,22 @@ class LocalRayNode:
         )
 
     def wait_ready(self, timeout_s: float = 360) -> None:
-        """A head: until its dashboard answers. A worker node: until `ray start` says the runtime started."""
+        """Until `ray start` says the node's runtime started (and, for a head, its dashboard answers)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"ray start exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.dashboard_url is None:
-                if "Ray runtime started" in self.log_tail(200):
-                    return
-                time.sleep(0.5)
-                continue
-            try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
+            if "Ray runtime started" in self.log_tail(200) and (self.dashboard_url is None or self.answers()):
+                return
+            time.sleep(0.5)
         pytest.fail(f"the Ray node did not come up within {timeout_s} s:\n{self.log_tail()}")
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def log_tail(self, n: int = 30) -> str:
         self.log.flush()
