@@ -20,6 +20,9 @@ import ast
 import hashlib
 import json
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -782,10 +785,41 @@ def _local_folder(path_or_hub_id: str | Path) -> Path:
     raise CheckpointError(f"no such checkpoint folder or hub id: {text}")
 
 
+def is_url(path: str | Path) -> bool:
+    """An fsspec URL (s3://, gs://, file://, ...), as opposed to a local path or a hub id."""
+    return "://" in str(path)
+
+
+@contextmanager
+def local_copy(url: str) -> Iterator[Path]:
+    """A checkpoint folder at an fsspec URL, downloaded into a temporary folder for the duration of the block
+    (config.json, model.safetensors and the official vae/config.json, those of them that exist)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="flextok-checkpoint-") as tmp:
+        found = 0
+        for name in ("config.json", "model.safetensors", "vae/config.json"):
+            if fs.isfile(f"{root}/{name}"):
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                fs.get(f"{root}/{name}", str(Path(tmp) / name))
+                found += 1
+        if not found:
+            raise CheckpointError(f"no checkpoint at {url} (expected config.json and model.safetensors there)")
+        yield Path(tmp)
+
+
 def load_pretrained(path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    if is_url(path_or_hub_id):
+        with local_copy(str(path_or_hub_id)) as folder:
+            return _load_folder(folder, map_location)
+    return _load_folder(_local_folder(path_or_hub_id), map_location)
+
+
+def _load_folder(folder: Path, map_location: str | torch.device) -> Any:
     from .model import FlexTok
 
-    folder = _local_folder(path_or_hub_id)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{folder} has no model.safetensors")

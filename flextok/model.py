@@ -68,7 +68,8 @@ class FlexTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> FlexTok:
-        """Load our format or the official one (config.json + model.safetensors), a folder or a hub id."""
+        """Load our format or the official one (config.json + model.safetensors): a folder, an fsspec URL of
+        one (s3://...) or a hub id."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(path_or_hub_id, map_location)

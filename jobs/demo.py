@@ -119,7 +119,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
             "--config", shown(REPO / "configs" / "train_tokenizer_tiny.yaml"), "--input", shards,
             "--image-size", str(args.resolution), "--num-registers", str(args.num_tokens),
             "--steps", str(args.tokenizer_steps), "--seed", str(args.seed),
-            "--storage-path", shown(out.work / "runs"), "--name", "tokenizer", "--export", out.job("tokenizer"),
+            "--output", shown(out.work / "runs" / "tokenizer"), "--export", out.job("tokenizer"),
         ]),
         Step(("pretokenize",), "jobs.pretokenize", [
             "--model", model, "--input", shards, "--output", out.job("corpus"), "--batch-size", "64",
@@ -128,7 +128,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         Step(("train", "ar"), "jobs.train_ar", [
             "--config", shown(REPO / "configs" / "train_ar_tiny.yaml"), "--corpus", out.job("corpus"),
             "--steps", str(args.ar_steps), "--seed", str(args.seed),
-            "--storage-path", shown(out.work / "runs"), "--name", "ar", "--export", out.job("ar"),
+            "--output", shown(out.work / "runs" / "ar"), "--export", out.job("ar"),
         ]),
         Step(("eval", "sweep"), "jobs.eval_sweep", [
             "--model", model, "--input", shards, "--output", out.job("recon"), *decode, "--seed", str(args.seed),

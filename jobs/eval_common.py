@@ -109,8 +109,8 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="decoder CFG scale (release: 7.5)")
     parser.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference-stats", type=Path, help="reference statistics .npz (ours or ADM's)")
-    parser.add_argument("--output", type=Path, help="output folder (results.json, plots, partial/)")
+    parser.add_argument("--reference-stats", help="reference statistics .npz (ours or ADM's): path or URL")
+    parser.add_argument("--output", help="output folder or URL (results.json, plots, partial/)")
     parser.add_argument("--decode-batch", type=int, default=16, help="(image, k) jobs per decoder call")
     parser.add_argument("--chunk-images", type=int, default=256, help="images per saved partial chunk")
     parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision/recall")
@@ -136,7 +136,8 @@ def check_sweep_args(args: argparse.Namespace) -> None:
 
 
 def local_or_hub(path: str) -> str:
-    """An existing local path made absolute (actors may run elsewhere), else unchanged (a hub id or URL)."""
+    """An existing local path made absolute (actors do not share the driver's working directory), else
+    unchanged (a hub id or URL)."""
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
@@ -164,7 +165,7 @@ def inception_setup(args: argparse.Namespace) -> tuple[Path, str, bool]:
     return weights, weights_identity(state), classifier
 
 
-def checked_reference(path: Path, identity: str, resolution: int):
+def checked_reference(path: str, identity: str, resolution: int):
     """A reference .npz that fits the samples: same extractor, same image size (when it records them)."""
     from pipeline.fid import load_reference
 
@@ -197,3 +198,8 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def output_path(output: str, name: str) -> str:
+    """`name` inside the --output folder or URL."""
+    return f"{output.rstrip('/')}/{name}"

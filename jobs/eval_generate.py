@@ -13,6 +13,7 @@ k), partial/ (a rerun with the same settings resumes). The last line of standard
 from __future__ import annotations
 
 import argparse
+import posixpath
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +31,7 @@ from jobs.eval_common import (
     load_flextok,
     local_or_hub,
     metric_options,
+    output_path,
     print_result,
     progress,
     resources,
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = checked_reference(args.reference_stats, identity, R)
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
     partial = S.PartialResults(
-        args.output / "partial",
+        output_path(args.output, "partial"),
         S.run_fingerprint(
             kind="generation",
             ar_sha256=ar_sha256,
@@ -122,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     grid_keys = [G.sample_key(i) for i in range(min(args.grid_samples, args.num_samples))]
+
+    def saved_chunk(path: str) -> None:
+        progress(f"[eval_generate] saved {posixpath.basename(path)}")
+
     with ordered_execution():
-        collector = S.Collector(partial, ks, args.chunk_images, lambda p: progress(f"[eval_generate] saved {p.name}"))
+        collector = S.Collector(partial, ks, args.chunk_images, saved_chunk)
         groups = [
             g
             for g in G.sample_groups(args.num_samples, args.gen_batch)

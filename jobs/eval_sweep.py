@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import posixpath
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,7 @@ from jobs.eval_common import (
     load_flextok,
     local_or_hub,
     metric_options,
+    output_path,
     print_result,
     progress,
     resources,
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
     groups = ((S.REAL,) if real_features else ()) + ks
     partial = S.PartialResults(
-        args.output / "partial",
+        output_path(args.output, "partial"),
         S.run_fingerprint(
             kind="reconstruction",
             model_sha256=model_sha256,
@@ -156,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     except S.ResumeMismatchError as e:
         fail(str(e))
 
+    def saved_chunk(path: str) -> None:
+        progress(f"[eval_sweep] saved {posixpath.basename(path)}")
+
     with ordered_execution():
         grid_keys = [str(r["key"]) for r in ds.limit(args.grid_images).select_columns(["key"]).take_all()]
-        collector = S.Collector(partial, groups, args.chunk_images, lambda p: progress(f"[eval_sweep] saved {p.name}"))
+        collector = S.Collector(partial, groups, args.chunk_images, saved_chunk)
         if collector.done:
             progress(f"[eval_sweep] resuming: {len(collector.done)} images already in {partial.folder}")
             done = frozenset(collector.done)
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference is None:
         kept = gathered.features[S.REAL] if args.prc or args.kid else None
         reference = Reference.from_stats(gathered.stats[S.REAL], identity, preprocessing, " ".join(args.input), kept)
-        save_reference(args.output / "reference_stats.npz", reference)
+        save_reference(output_path(args.output, "reference_stats.npz"), reference)
     results = report.summarize(gathered, ks, reference, metric_options(args))
     provenance = {
         "model": {"path": str(args.model), "sha256": model_sha256, "image_size": R, "num_registers": num_registers},

@@ -1,11 +1,12 @@
 """Train a FlexTok tokenizer on Ray Train (DDP or FSDP workers), images streamed through Ray Data.
 
     python jobs/train_tokenizer.py --config configs/train_tokenizer_tiny.yaml
-    python jobs/train_tokenizer.py --config configs/train_tokenizer_d18_d28.yaml --num-workers 64 --name tok-a
+    python jobs/train_tokenizer.py --config configs/train_tokenizer_d18_d28.yaml --num-workers 64 \\
+        --output s3://bucket/runs/tok-a
     (run the same command again to resume a stopped or failed run from its latest checkpoint)
 
 Inputs are read exactly as the pretokenize job reads them (pipeline.sources: .tar shards, .parquet,
-image folders; ADM center crop). Checkpoints: STORAGE/NAME/checkpoint_<step>/{model,ema} load with
+image folders; ADM center crop). Checkpoints: OUTPUT/checkpoint_<step>/{model,ema} load with
 `FlexTok.from_pretrained`. Details: docs/training.md.
 """
 
@@ -98,7 +99,7 @@ def model_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    check_required(args, "input", "storage_path", "name")
+    check_required(args, "input", "output")
     cfg = model_config(args)
     loop = loop_config(args)
     scaling, run = scaling_and_run(args)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"training tokenizer '{args.preset}' ({cfg.image_size}px, {cfg.num_registers} registers, "
         f"{cfg.vae.kind} latents) for {loop.steps} steps on {scaling.num_workers} worker(s) -> "
-        f"{args.storage_path}/{args.name}",
+        f"{args.output}",
         flush=True,
     )
     result = run_training(task, loop, training_images(images, args.materialize), scaling, run)

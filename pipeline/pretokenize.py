@@ -173,7 +173,7 @@ def unit_name(shard: InputShard) -> str:
 def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
     """Load the model once on the driver: its identity and sizes, checked against the configuration."""
     from flextok import FlexTok
-    from flextok.checkpoint import weights_digest
+    from flextok.checkpoint import is_url, weights_digest
 
     model = FlexTok.from_pretrained(cfg.model)
     size, n = model.cfg.image_size, model.num_registers
@@ -185,7 +185,8 @@ def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
         raise JobInputError(f"codebook size {model.codebook_size} does not fit the corpus's uint16 tokens")
     if cfg.augment not in AUGMENT_MODES:
         raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
-    name = Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model
+    is_folder = is_url(cfg.model) or Path(cfg.model).is_dir()
+    name = posixpath.basename(str(cfg.model).rstrip("/")) if is_folder else cfg.model
     return CorpusMeta(
         tokenizer=name,
         tokenizer_sha256=weights_digest(model.state_dict()),

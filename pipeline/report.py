@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
+import fsspec
 import numpy as np
 from PIL import Image
 
@@ -80,10 +80,9 @@ def fid_figure(per_k: list[dict], ylabel: str, title: str):
     return fig
 
 
-def image_grid(
-    grid: dict[str, dict[int, bytes]], keys: list[str], columns: list[int], path: Path, names: dict[int, str]
-):
-    """Rows = images (in `keys` order), columns = `columns` (e.g. REAL then each k), each column labelled."""
+def image_grid(grid: dict[str, dict[int, bytes]], keys: list[str], columns: list[int], names: dict[int, str]):
+    """Rows = images (in `keys` order), columns = `columns` (e.g. REAL then each k), each column labelled;
+    None when no key has images."""
     from matplotlib.figure import Figure
 
     keys = [k for k in keys if k in grid]
@@ -102,8 +101,7 @@ def image_grid(
             if c == 0:
                 ax.set_ylabel(key if len(key) <= 18 else "..." + key[-15:], fontsize=6)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return fig
 
 
 def column_names(ks: tuple[int, ...], with_original: bool) -> tuple[list[int], dict[int, str]]:
@@ -112,14 +110,14 @@ def column_names(ks: tuple[int, ...], with_original: bool) -> tuple[list[int], d
     return columns, names
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def png_of(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def write_outputs(
-    output: Path,
+    output: str | Path,
     results: dict,
     provenance: dict,
     run: dict,
@@ -131,13 +129,20 @@ def write_outputs(
     metric_name: str,
     title: str,
 ) -> dict:
-    """results.json, results.md, fid_vs_tokens.png and the image grid; returns {name: path}."""
-    files = {"results": output / "results.json", "table": output / "results.md", "plot": output / "fid_vs_tokens.png"}
-    fid_figure(results["per_k"], metric_name, title).savefig(files["plot"])
-    columns, names = column_names(ks, with_original)
-    if image_grid(g.grid, grid_keys, columns, output / grid_file, names) is not None:
-        files["grid"] = output / grid_file
-    files["table"].write_text(results_table(results, metric_name) + "\n")
-    doc = {**results, "provenance": provenance, "run": run, "files": {k: v.name for k, v in files.items()}}
-    write_json(files["results"], doc)
-    return {k: str(v) for k, v in files.items()}
+    """results.json, results.md, fid_vs_tokens.png and the image grid in `output` (a local folder or an
+    fsspec URL); returns {name: path or URL}. results.json comes last, written whole and renamed."""
+    fs, root = fsspec.core.url_to_fs(str(output))
+    fs.makedirs(root, exist_ok=True)
+    names = {"results": "results.json", "table": "results.md", "plot": "fid_vs_tokens.png"}
+    fs.pipe_file(f"{root}/{names['plot']}", png_of(fid_figure(results["per_k"], metric_name, title)))
+    columns, labels = column_names(ks, with_original)
+    grid = image_grid(g.grid, grid_keys, columns, labels)
+    if grid is not None:
+        names["grid"] = grid_file
+        fs.pipe_file(f"{root}/{grid_file}", png_of(grid))
+    fs.pipe_file(f"{root}/{names['table']}", (results_table(results, metric_name) + "\n").encode())
+    doc = {**results, "provenance": provenance, "run": run, "files": names}
+    fs.pipe_file(f"{root}/results.json.tmp", (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    fs.mv(f"{root}/results.json.tmp", f"{root}/results.json")
+    base = str(output).rstrip("/")
+    return {k: f"{base}/{name}" for k, name in names.items()}

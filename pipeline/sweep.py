@@ -13,7 +13,8 @@ Every image gets one output row per k plus one row with k = 0 (REAL) that carrie
 (and the original's features when the reference is computed in the same pass). The decoder's initial noise
 for (image, k) comes from a generator seeded by sha256(seed, key, k), so numbers do not depend on batching,
 actors or resumption. The driver writes complete images to `partial/chunk-NNNNNN.npz` (features and pixel
-metrics per k); a rerun with the same settings skips the images already there and merges the rest.
+metrics per k; the output is a local folder or a URL); a rerun with the same settings skips the images
+already there and merges the rest.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -236,16 +237,18 @@ class ResumeMismatchError(ValueError):
 class PartialResults:
     """`<output>/partial/`: `settings.json` (what must match to resume) and `chunk-NNNNNN.npz` files of
     complete images (keys, labels, counters, per k: features [n, 2048] float32, logits, mse/psnr/ssim, and
-    the grid images as PNG bytes). Each file is written to a temporary name and renamed."""
+    the grid images as PNG bytes). The folder is a local path or an fsspec URL (s3://...); each file is
+    written to a temporary name and renamed."""
 
-    def __init__(self, folder: Path, fingerprint: dict, groups: tuple[int, ...]):
-        self.folder, self.fingerprint, self.groups = Path(folder), fingerprint, groups
+    def __init__(self, folder: str | Path, fingerprint: dict, groups: tuple[int, ...]):
+        self.folder, self.fingerprint, self.groups = str(folder).rstrip("/"), fingerprint, groups
+        self.fs, self.root = fsspec.core.url_to_fs(self.folder)
 
     def open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / "settings.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
+        self.fs.makedirs(self.root, exist_ok=True)
+        path = f"{self.root}/settings.json"
+        if self.fs.isfile(path):
+            old = json.loads(self.fs.cat_file(path))
             if old != self.fingerprint:
                 diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 raise ResumeMismatchError(
@@ -253,19 +256,25 @@ class PartialResults:
                     "use another --output, or delete that folder to start over"
                 )
         else:
-            _write_atomic(path, json.dumps(self.fingerprint, indent=1, sort_keys=True).encode())
+            self._write_atomic(path, json.dumps(self.fingerprint, indent=1, sort_keys=True).encode())
 
-    def chunks(self) -> list[Path]:
-        return sorted(self.folder.glob("chunk-*.npz"))
+    def chunks(self) -> list[str]:
+        """Paths of the chunk files (on `self.fs`), in order."""
+        self.fs.invalidate_cache(self.root)  # object stores' listings are cached
+        return sorted(self.fs.glob(f"{self.root}/chunk-*.npz"))
+
+    def load(self, path: str) -> np.lib.npyio.NpzFile:
+        """One chunk file, read whole (a few MB to tens of MB)."""
+        return np.load(io.BytesIO(self.fs.cat_file(path)), allow_pickle=False)
 
     def done_keys(self) -> set[str]:
         done: set[str] = set()
         for path in self.chunks():
-            with np.load(path, allow_pickle=False) as z:
+            with self.load(path) as z:
                 done.update(str(k) for k in z["keys"])
         return done
 
-    def write(self, images: list[ImageResult], has_logits: bool) -> Path:
+    def write(self, images: list[ImageResult], has_logits: bool) -> str:
         index = len(self.chunks())
         arrays: dict[str, np.ndarray] = {
             "keys": np.array([r.key for r in images], dtype=str),
@@ -292,15 +301,13 @@ class PartialResults:
                     arrays[f"png_{j}_{k}"] = np.frombuffer(x["png"], np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        path = self.folder / f"chunk-{index:06d}.npz"
-        _write_atomic(path, buf.getvalue())
+        path = f"{self.root}/chunk-{index:06d}.npz"
+        self._write_atomic(path, buf.getvalue())
         return path
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path + ".tmp", data)
+        self.fs.mv(path + ".tmp", path)
 
 
 class Collector:
@@ -312,7 +319,7 @@ class Collector:
         partial: PartialResults,
         expected: tuple[int, ...],
         chunk_images: int,
-        on_chunk: Callable[[Path], None] | None = None,
+        on_chunk: Callable[[str], None] | None = None,
     ):
         self.partial, self.expected, self.chunk_images, self.on_chunk = partial, set(expected), chunk_images, on_chunk
         self.pending: dict[str, ImageResult] = {}
@@ -387,7 +394,7 @@ def gather(partial: PartialResults) -> Gathered:
     pixels: dict[int, dict[str, list]] = {k: {m: [] for m in ("mse", "psnr", "ssim")} for k in partial.groups}
     grid: dict[str, dict[int, bytes]] = {}
     for path in partial.chunks():
-        with np.load(path, allow_pickle=False) as z:
+        with partial.load(path) as z:
             good = z["good"]
             chunk_keys = [str(x) for x in z["keys"]]
             good_keys = [key for key, g in zip(chunk_keys, good, strict=True) if g]
