@@ -20,9 +20,16 @@ from torch import Tensor, nn
 
 from .config import FlexTokConfig
 from .errors import CheckpointError
-from .official import config_from_safetensors_header, is_hub_id, read_official
+from .official import config_from_safetensors_header, is_hub_id, official_state_dict_to_ours, read_official_config
 
-__all__ = ["CheckpointError", "load_state_dict_strict", "read_checkpoint", "save_pretrained", "weights_digest"]
+__all__ = [
+    "CheckpointError",
+    "load_state_dict_strict",
+    "read_checkpoint",
+    "read_config",
+    "save_pretrained",
+    "weights_digest",
+]
 
 FORMAT = "flextok-pipeline"
 FORMAT_VERSION = 1
@@ -84,10 +91,8 @@ def checkpoint_folder(path_or_hub_id: str | Path) -> Path:
         ) from e
 
 
-def read_checkpoint(
-    path_or_hub_id: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[FlexTokConfig, dict[str, Tensor]]:
-    """Our format or the official one -> (our config, tensors under our names)."""
+def read_config(path_or_hub_id: str | Path) -> tuple[FlexTokConfig, bool]:
+    """(our config, whether the checkpoint is in the official format), without reading any tensor."""
     folder = checkpoint_folder(path_or_hub_id)
     weights = folder / "model.safetensors"
     if not weights.is_file():
@@ -99,19 +104,28 @@ def read_checkpoint(
         raise CheckpointError(f"{config_path} is not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} is neither our format nor the official hydra format")
-    tensors = load_file(str(weights), device=str(map_location))
     if raw.get("format") == FORMAT:
         if raw.get("version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint format version {raw.get('version')} is not supported (expected {FORMAT_VERSION})"
             )
         try:
-            return FlexTokConfig.from_dict(raw["config"]), tensors
+            return FlexTokConfig.from_dict(raw["config"]), False
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{config_path}: {e}") from e
     if "_target_" in raw:
-        return read_official(folder, raw, tensors)
+        return read_official_config(folder, raw), True
     raise CheckpointError(f"{config_path} is neither our format nor the official hydra format")
+
+
+def read_checkpoint(
+    path_or_hub_id: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[FlexTokConfig, dict[str, Tensor]]:
+    """Our format or the official one -> (our config, tensors under our names)."""
+    folder = checkpoint_folder(path_or_hub_id)
+    cfg, official = read_config(folder)
+    tensors = load_file(str(folder / "model.safetensors"), device=str(map_location))
+    return cfg, official_state_dict_to_ours(tensors) if official else tensors
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:

@@ -496,7 +496,7 @@ def vae_arch(folder: Path, hf_hub_path: str | None) -> dict | None:
     return arch
 
 
-def read_official(folder: Path, cfg: dict, tensors: dict[str, Tensor]) -> tuple[FlexTokConfig, dict[str, Tensor]]:
-    """An official config and its tensors -> our config and our tensor names."""
+def read_official_config(folder: Path, cfg: dict) -> FlexTokConfig:
+    """An official hydra config (with the VAE config it names) -> our config."""
     vae = cfg.get("vae") if isinstance(cfg.get("vae"), dict) else {}
-    return official_to_config(cfg, vae_arch(folder, vae.get("hf_hub_path"))), official_state_dict_to_ours(tensors)
+    return official_to_config(cfg, vae_arch(folder, vae.get("hf_hub_path")))

@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from flextok.errors import UserInputError
+
 PIPELINE_VERSION = "1"
 DATA_DIR, UNITS_DIR, TMP_DIR = "data", "_units", "_tmp"
 MANIFEST, ERRORS = "_manifest.json", "_errors.parquet"
@@ -68,6 +70,10 @@ WRITE_OPTIONS = dict(
 ROW_GROUP_ROWS = 16384
 
 
+class CorpusError(UserInputError):
+    """A folder or file that is not a (complete) corpus, or a request it cannot serve (e.g. k > K)."""
+
+
 @dataclass(frozen=True)
 class CorpusMeta:
     """Parquet key-value metadata of every data file (keys `flextok.<field>`, values as text)."""
@@ -95,7 +101,7 @@ class CorpusMeta:
         for f in fields(cls):
             name = f"flextok.{f.name}"
             if name not in text:
-                raise ValueError(f"Parquet metadata lacks '{name}': not a flextok corpus file")
+                raise CorpusError(f"Parquet metadata lacks '{name}': not a flextok corpus file")
             values[f.name] = int(text[name]) if f.type == "int" else text[name]
         return cls(**values)
 
@@ -224,7 +230,7 @@ def corpus_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str], Corpu
     fs, root = output_fs(path)
     markers = read_markers(fs, root)
     if not markers:
-        raise FileNotFoundError(f"{path}: no committed units ({UNITS_DIR}/*.json): not a flextok corpus, or empty")
+        raise CorpusError(f"{path}: no committed units ({UNITS_DIR}/*.json): not a flextok corpus, or empty")
     files = [join(root, f) for u in sorted(markers) for f in markers[u]["files"]]
     meta = CorpusMeta.from_kv(next(iter(markers.values()))["metadata"])
     return fs, files, meta
@@ -234,7 +240,7 @@ def _check_k(k: int | None, meta: CorpusMeta) -> int:
     if k is None:
         return meta.num_tokens
     if not 1 <= k <= meta.num_tokens:
-        raise ValueError(f"k={k}: this corpus stores {meta.num_tokens} tokens per row, so 1 <= k <= {meta.num_tokens}")
+        raise CorpusError(f"k={k}: this corpus stores {meta.num_tokens} tokens per row, so 1 <= k <= {meta.num_tokens}")
     return k
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flextok.errors import UserInputError
+
 from .corpus import (
     DATA_DIR,
     MANIFEST,
@@ -94,7 +96,7 @@ class Summary:
     manifest: dict = field(default_factory=dict)
 
 
-class JobInputError(ValueError):
+class JobInputError(UserInputError):
     """The configuration or the output folder does not allow the job to run (one-line reason)."""
 
 

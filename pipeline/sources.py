@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from flextok.errors import UserInputError
+
 from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, augment_ids, augmented_views, decode_image
 
 ShardKind = Literal["webdataset", "folder", "parquet"]
@@ -60,7 +62,7 @@ BAD_KEY = "BadKey"  # a key (tar member name) that is not valid UTF-8
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-class InputError(ValueError):
+class InputError(UserInputError):
     """An input URL that cannot be used (nothing matches, unknown kind, bad labels CSV)."""
 
 
