@@ -30,16 +30,14 @@ from pipeline.train_common import LoopConfig, lr_at, make_optimizer, read_metric
 
 def write_corpus(folder: str, rows: int, k: int, seed: int = 0) -> None:
     """A synthetic corpus: Zipf-distributed tokens (a few thousand distinct ids), random labels."""
-    from pipeline.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
+    from pipeline.corpus import CorpusMeta, tokens_table, write_table_corpus
 
     rng = np.random.default_rng(seed)
     tokens = np.minimum(rng.zipf(1.3, size=(rows, k)) - 1, 63999)
     labels = rng.integers(0, 1000, rows).tolist()
     meta = CorpusMeta("bench", "0" * 64, 64000, k, k, 32, "none", "synthetic")
     table = tokens_table([f"{i:06d}" for i in range(rows)], labels, tokens, ["bench"] * rows, [0] * rows)
-    fs, root = output_fs(folder)
-    marker = {"url": "bench", "kind": "folder", "index": 0, "read": rows, "failed": 0, "errors": []}
-    write_summary(fs, root, {"bench": commit_unit(fs, root, "bench", table, meta, rows, marker)}, meta)
+    write_table_corpus(folder, {"bench": table}, meta, rows_per_file=rows)
 
 
 def plain_loop(task, batches: list[dict], cfg: LoopConfig, warmup: int) -> float:

@@ -77,9 +77,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def run_main(main_fn, argv: list[str] | None = None) -> int:
-    """Call a job's body; turn JobError into one line on stderr and exit status 2."""
+    """Call a job's body; turn JobError and the library's input errors (flextok.errors.UserInputError: bad
+    checkpoint, bad input, bad corpus) into one line on stderr and exit status 2."""
     try:
         return int(main_fn(argv) or 0)
     except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from flextok.errors import UserInputError  # imported here: it loads torch, which --help does not need
+
+        if not isinstance(e, UserInputError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="image folder with labels.csv (default: the shared ImageNet sample)")
     p.add_argument("--model", help="a trained FlexTok (folder or hub id) to use instead of training the tiny one")
     p.add_argument("--resolution", type=int, default=32, help="image size of the tiny tokenizer (default 32)")
-    p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
+    p.add_argument(
+        "--num-registers", type=int, default=32, help="registers (tokens per image) of the tiny tokenizer (default 32)"
+    )
     p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
     p.add_argument("--ar-steps", type=int, default=60, help="AR training steps (default 60)")
@@ -117,7 +119,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         ]),
         Step(("train", "tokenizer"), "jobs.train_tokenizer", [
             "--config", shown(REPO / "configs" / "train_tokenizer_tiny.yaml"), "--input", shards,
-            "--image-size", str(args.resolution), "--num-registers", str(args.num_tokens),
+            "--image-size", str(args.resolution), "--num-registers", str(args.num_registers),
             "--steps", str(args.tokenizer_steps), "--seed", str(args.seed),
             "--output", shown(out.work / "runs" / "tokenizer"), "--export", out.job("tokenizer"),
         ]),
@@ -293,11 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         ks = [int(k) for k in args.ks.split(",")]
     except ValueError:
         fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8, got {args.ks!r}")
-    if not args.model and not all(1 <= k <= args.num_tokens for k in ks):
-        fail(f"--ks must lie in 1..{args.num_tokens} (--num-tokens), got {args.ks}")
+    if not args.model and not all(1 <= k <= args.num_registers for k in ks):
+        fail(f"--ks must lie in 1..{args.num_registers} (--num-registers), got {args.ks}")
     for name in ("tokenizer_steps", "ar_steps", "timesteps", "eval_images", "num_samples"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model:
+        from flextok.checkpoint import read_config
+
+        read_config(args.model)  # a bad checkpoint is one error line here, before any step runs
     out = Layout(Path(args.output))
     prepare_output(out.root)
     steps = plan(args, images, out)

@@ -1,7 +1,7 @@
 """Pretokenize images into a FlexTok token corpus (Parquet) on Ray Data; reruns resume.
 
     python jobs/pretokenize.py --model ckpt/ --input 'shards/train-*.tar' --output corpus/ --batch-size 64
-    python jobs/pretokenize.py --config configs/pretokenize.yaml --num-tokens 128
+    python jobs/pretokenize.py --config configs/pretokenize.yaml --num-tokens 16
 
 Inputs: webdataset .tar shards, .parquet files with image bytes, image folders (+ labels CSV); any fsspec URL.
 Output layout and columns: docs/pretokenize.md. Run `python jobs/validate_corpus.py OUTPUT` afterwards.

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     repa.add_argument("--repa-layer", type=int, help="decoder block whose output is aligned (preset's)")
     repa.add_argument("--repa-teacher", choices=["random-conv", "dinov2"], default="random-conv", help="teacher")
     repa.add_argument("--repa-teacher-dim", type=int, default=64, help="random-conv: feature width (64)")
-    repa.add_argument("--repa-teacher-repo", help="dinov2: local torch.hub checkout (hubconf.py)")
+    repa.add_argument("--repa-teacher-repo", help="dinov2: local torch.hub checkout; RUNS its hubconf.py: trust it")
     repa.add_argument("--repa-teacher-weights", help="dinov2: local weights file")
     repa.add_argument("--repa-teacher-model", default="dinov2_vitl14", help="dinov2: hub entry point")
     add_training_args(p)

@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from flextok.errors import UserInputError
+
 PIPELINE_VERSION = "1"
 DATA_DIR, UNITS_DIR, TMP_DIR = "data", "_units", "_tmp"
 MANIFEST, ERRORS = "_manifest.json", "_errors.parquet"
@@ -68,6 +70,10 @@ WRITE_OPTIONS = dict(
 ROW_GROUP_ROWS = 16384
 
 
+class CorpusError(UserInputError):
+    """A folder or file that is not a (complete) corpus, or a request it cannot serve (e.g. k > K)."""
+
+
 @dataclass(frozen=True)
 class CorpusMeta:
     """Parquet key-value metadata of every data file (keys `flextok.<field>`, values as text)."""
@@ -95,7 +101,7 @@ class CorpusMeta:
         for f in fields(cls):
             name = f"flextok.{f.name}"
             if name not in text:
-                raise ValueError(f"Parquet metadata lacks '{name}': not a flextok corpus file")
+                raise CorpusError(f"Parquet metadata lacks '{name}': not a flextok corpus file")
             values[f.name] = int(text[name]) if f.type == "int" else text[name]
         return cls(**values)
 
@@ -129,24 +135,23 @@ def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def tokens_table(
-    keys: list[str], labels: list[int | None], tokens: np.ndarray, sources: list[str], augs: list[int]
-) -> pa.Table:
-    """Rows of the corpus from token ids [N, K] (any integer dtype, values < 65536)."""
-    N, K = tokens.shape
-    flat = pa.array(np.ascontiguousarray(tokens, dtype=np.uint16).reshape(-1))
-    offsets = pa.array(np.arange(0, (N + 1) * K, K, dtype=np.int32)[: N + 1])
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "label": pa.array(labels, pa.int32()),
-            "tokens": pa.ListArray.from_arrays(offsets, flat),
-            "num_tokens": pa.array(np.full(N, K, np.int16)),
-            "source": pa.array(sources, pa.string()),
-            "aug": pa.array(augs, pa.int16()),
-        },
-        schema=SCHEMA,
-    )
+def tokens_table(keys, labels, tokens: np.ndarray | pa.Array | pa.ChunkedArray, sources, augs) -> pa.Table:
+    """The one builder of corpus rows (SCHEMA). `tokens`: ids [N, K] (any integer dtype, values < 65536), or a
+    list column; the other columns: Python lists or Arrow columns. `num_tokens` is each row's length."""
+    if isinstance(tokens, np.ndarray):
+        N, K = tokens.shape
+        flat = pa.array(np.ascontiguousarray(tokens, dtype=np.uint16).reshape(-1))
+        tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * K, K, dtype=np.int32)), flat)
+    tokens = tokens.cast(SCHEMA.field("tokens").type)
+
+    def column(values, name: str) -> pa.Array | pa.ChunkedArray:
+        kind = SCHEMA.field(name).type
+        return values.cast(kind) if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, kind)
+
+    columns = {name: column(v, name) for name, v in (("key", keys), ("label", labels), ("source", sources))}
+    columns |= {"tokens": tokens, "num_tokens": pc.cast(pc.list_value_length(tokens), pa.int16())}
+    columns["aug"] = column(augs, "aug")
+    return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
 
 
 def write_data_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, meta: CorpusMeta) -> None:
@@ -209,6 +214,22 @@ def write_summary(fs: fsspec.AbstractFileSystem, root: str, markers: dict[str, d
     return manifest
 
 
+def write_table_corpus(
+    path: str, units: pa.Table | dict[str, pa.Table], meta: CorpusMeta, rows_per_file: int = 100_000
+) -> dict:
+    """Write in-memory rows (tokens_table) as a complete corpus, the way the job commits them: per unit its data
+    files and marker, then _errors.parquet and _manifest.json. For tests and benches; returns the manifest.
+    Each unit counts its distinct keys as the records read (no bad records)."""
+    fs, root = output_fs(path)
+    units = {"table": units} if isinstance(units, pa.Table) else units
+    for unit, table in units.items():
+        url = table.column("source")[0].as_py() if table.num_rows else unit
+        read = len(pc.unique(table.column("key")))
+        marker = {"url": url, "kind": "table", "index": 0, "digest": "", "read": read, "failed": 0, "errors": []}
+        commit_unit(fs, root, unit, table, meta, rows_per_file, marker)
+    return write_summary(fs, root, read_markers(fs, root), meta)
+
+
 # ------------------------------------------------------------------------------------------ reading
 @dataclass(frozen=True)
 class Chunk:
@@ -224,7 +245,7 @@ def corpus_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str], Corpu
     fs, root = output_fs(path)
     markers = read_markers(fs, root)
     if not markers:
-        raise FileNotFoundError(f"{path}: no committed units ({UNITS_DIR}/*.json): not a flextok corpus, or empty")
+        raise CorpusError(f"{path}: no committed units ({UNITS_DIR}/*.json): not a flextok corpus, or empty")
     files = [join(root, f) for u in sorted(markers) for f in markers[u]["files"]]
     meta = CorpusMeta.from_kv(next(iter(markers.values()))["metadata"])
     return fs, files, meta
@@ -234,7 +255,7 @@ def _check_k(k: int | None, meta: CorpusMeta) -> int:
     if k is None:
         return meta.num_tokens
     if not 1 <= k <= meta.num_tokens:
-        raise ValueError(f"k={k}: this corpus stores {meta.num_tokens} tokens per row, so 1 <= k <= {meta.num_tokens}")
+        raise CorpusError(f"k={k}: this corpus stores {meta.num_tokens} tokens per row, so 1 <= k <= {meta.num_tokens}")
     return k
 
 

@@ -31,16 +31,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flextok.errors import UserInputError
+
 from .corpus import (
     DATA_DIR,
     MANIFEST,
-    SCHEMA,
     TMP_DIR,
     CorpusMeta,
     commit_unit,
     join,
     output_fs,
     read_markers,
+    tokens_table,
     write_summary,
 )
 from .preprocess import AUGMENT_MODES, PREPROCESSING, to_model_input
@@ -94,7 +96,7 @@ class Summary:
     manifest: dict = field(default_factory=dict)
 
 
-class JobInputError(ValueError):
+class JobInputError(UserInputError):
     """The configuration or the output folder does not allow the job to run (one-line reason)."""
 
 
@@ -298,9 +300,7 @@ class _Gather:
 def _corpus_rows(rows: pa.Table) -> pa.Table:
     """The good rows of a unit in the corpus schema."""
     good = rows.filter(pc.is_null(rows.column("error")))
-    num = pc.cast(pc.list_value_length(good.column("tokens")), pa.int16())
-    columns = {name: good.column(name) for name in ("key", "label", "tokens", "source", "aug")}
-    return pa.table({**columns, "num_tokens": num}).select(SCHEMA.names).cast(SCHEMA)
+    return tokens_table(*(good.column(name) for name in ("key", "label", "tokens", "source", "aug")))
 
 
 def run_pretokenize(

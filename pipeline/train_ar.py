@@ -62,8 +62,9 @@ class TokenCollate(ArrowBatchCollateFn):
             cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             tokens[rows, cols] = flat
         labels = batch.column("label").to_numpy(zero_copy_only=False)  # float with NaN where null
-        labels = np.where(np.isnan(labels), self.null_class, labels).astype(np.int64)
-        bad = (labels < 0) | (labels > self.null_class)
+        null = np.isnan(labels)
+        bad = ~null & ((labels < 0) | (labels >= self.null_class))  # class ids are 0..num_classes-1
+        labels = np.where(null, self.null_class, labels).astype(np.int64)
         if bad.any():
             key = batch.column("key")[int(np.argmax(bad))].as_py()
             raise ValueError(

@@ -185,6 +185,12 @@ def test_token_collate_rejects_labels_beyond_the_model():
         TokenCollate(null_class=10, max_tokens=2)(corpus_rows([[1, 2, 3]], [3]))
 
 
+def test_token_collate_rejects_a_label_equal_to_the_class_count():
+    """Label num_classes is the null (unconditional) class: a corpus row must not train it."""
+    with pytest.raises(ValueError, match="'k1' has label 10"):
+        TokenCollate(null_class=10, max_tokens=4)(corpus_rows([[1], [2]], [9, 10]))
+
+
 def test_image_collate_scales_to_model_input():
     from ray.data.extensions import ArrowTensorArray
 
@@ -240,6 +246,16 @@ def test_dinov2_teacher_loads_a_local_hub_checkout(tmp_path):
     torch.testing.assert_close(teacher.net.proj.weight, weights["proj.weight"])
     with pytest.raises(FileNotFoundError, match="hubconf"):
         DINOv2Teacher(str(tmp_path / "nowhere"), str(tmp_path / "w.pth"))
+
+
+def test_dinov2_teacher_refuses_a_hubconf_outside_the_given_folder(tmp_path):
+    """torch.hub.load(source="local") runs hubconf.py: one that resolves outside the checkout is refused."""
+    (tmp_path / "elsewhere.py").write_text("raise SystemExit('must not run')\n")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "hubconf.py").symlink_to(tmp_path / "elsewhere.py")
+    torch.save({}, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="outside"):
+        DINOv2Teacher(str(tmp_path / "repo"), str(tmp_path / "w.pth"))
 
 
 def test_repa_gradients_reach_projector_and_decoder():

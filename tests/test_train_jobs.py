@@ -121,7 +121,7 @@ def test_tokenizer_checkpoints_load_with_from_pretrained(tokenizer_run):
 def corpus(tokenizer_run, imagenet_sample, tmp_path_factory) -> Path:
     """The sample tokenized by the trained tokenizer (and its horizontal flips), in the corpus format."""
     from flextok.checkpoint import weights_digest
-    from pipeline.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
+    from pipeline.corpus import CorpusMeta, tokens_table, write_table_corpus
     from pipeline.preprocess import PREPROCESSING
 
     model = FlexTok.from_pretrained(latest_checkpoint(tokenizer_run) / "ema")
@@ -140,10 +140,7 @@ def corpus(tokenizer_run, imagenet_sample, tmp_path_factory) -> Path:
     keys = [f"img{i:03d}" for i in range(250)] * 2
     table = tokens_table(keys, labels * 2, tokens, ["sample"] * 500, [0] * 250 + [1] * 250)
     out = tmp_path_factory.mktemp("corpus")
-    fs, root = output_fs(str(out))
-    marker = {"url": "sample", "kind": "folder", "index": 0, "read": 250, "failed": 0, "errors": []}
-    markers = {"sample": commit_unit(fs, root, "sample", table, meta, 100_000, marker)}
-    write_summary(fs, root, markers, meta)
+    write_table_corpus(str(out), {"sample": table}, meta)
     return out
 
 
