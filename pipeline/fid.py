@@ -4,9 +4,9 @@
     stats = part_a.merge(part_b)                       # blocks / workers / resumed runs combine exactly
     fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
 
-KID, precision/recall and the Inception Score need the features themselves (or logits) and follow
-torch-fidelity 0.4.0 (same kernels, neighbourhoods, splits and seeds). Reference statistics are `.npz` files:
-ours (mu, sigma, n, extractor identity, preprocessing, optionally features) or ADM's reference batches
+KID, precision/recall and the Inception Score need the features themselves (or logits): they are
+torch-fidelity's own functions (`*_features_to_metric`), called on feature arrays. Reference statistics are
+`.npz` files: ours (mu, sigma, n, extractor identity, preprocessing, optionally features) or ADM's reference batches
 (`VIRTUAL_imagenet256_labeled.npz`: `mu`, `sigma` of the TF Inception pool_3; no identity recorded).
 """
 
@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
 STATS_FORMAT = "flextok-pipeline/fid-stats/1"
 
@@ -152,67 +155,50 @@ class FrechetReference:
 def kernel_inception_distance(
     fake: np.ndarray, real: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 2020
 ) -> dict[str, float]:
-    """Unbiased MMD^2 with the cubic polynomial kernel over random subsets (torch-fidelity's defaults).
-    The subset size shrinks to the smaller set when there are fewer samples; the result says which."""
-    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    """torch-fidelity's KID (unbiased MMD^2, cubic polynomial kernel, random subsets). The subset size shrinks
+    to the smaller set when there are fewer samples (torch-fidelity refuses instead); the result says which."""
     m = min(subset_size, len(fake), len(real))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(fake)} and {len(real)}")
-    rng = np.random.RandomState(seed)
-    mmds = np.zeros(subsets)
-    for i in range(subsets):
-        x = fake[rng.choice(len(fake), m, replace=False)]
-        y = real[rng.choice(len(real), m, replace=False)]
-        mmds[i] = _mmd2_poly(x, y)
-    return {"kid_mean": float(mmds.mean()), "kid_std": float(mmds.std()), "kid_subset_size": m}
-
-
-def _mmd2_poly(x: np.ndarray, y: np.ndarray) -> float:
-    d = x.shape[1]
-    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-    m = x.shape[0]
-    off_xx = kxx.sum() - np.trace(kxx)
-    off_yy = kyy.sum() - np.trace(kyy)
-    return float((off_xx + off_yy) / (m * (m - 1)) - 2 * kxy.sum() / (m * m))
+    out = kid_features_to_metric(
+        _as_tensor(fake, torch.float64),
+        _as_tensor(real, torch.float64),
+        kid_subsets=subsets,
+        kid_subset_size=m,
+        rng_seed=seed,
+        verbose=False,
+    )
+    return {"kid_mean": out[KEY_METRIC_KID_MEAN], "kid_std": out[KEY_METRIC_KID_STD], "kid_subset_size": m}
 
 
 def precision_recall(fake: np.ndarray, real: np.ndarray, neighborhood: int = 3) -> dict[str, float]:
-    """Improved precision/recall (Kynkaanniemi et al. 2019): a sample is inside the other set's manifold when
-    it lies within some member's distance to its k-th nearest neighbour (k = 3, as torch-fidelity)."""
-    f = torch.as_tensor(np.asarray(fake, np.float32))
-    r = torch.as_tensor(np.asarray(real, np.float32))
-    if min(len(f), len(r)) <= neighborhood:
-        raise ValueError(f"precision/recall need more than {neighborhood} samples per set, got {len(f)}, {len(r)}")
-    radius_f = _kth_neighbour_distance(f, neighborhood)  # [Nf]
-    radius_r = _kth_neighbour_distance(r, neighborhood)  # [Nr]
-    precision = _inside_fraction(f, r, radius_r)
-    recall = _inside_fraction(r, f, radius_f)
-    return {"precision": precision, "recall": recall}
-
-
-def _kth_neighbour_distance(x: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
-    # k + 1: the nearest neighbour of a point in its own set is itself
-    return torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(block)])
-
-
-def _inside_fraction(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int = 4096) -> float:
-    inside = [(torch.cdist(b, centres) <= radii).any(dim=1) for b in points.split(block)]
-    return torch.cat(inside).float().mean().item()
+    """torch-fidelity's improved precision/recall (Kynkaanniemi et al. 2019; k = 3), fake = generated, in
+    blocks of 10,000 rows (its save_cpu_ram route)."""
+    if min(len(fake), len(real)) <= neighborhood:
+        raise ValueError(
+            f"precision/recall need more than {neighborhood} samples per set, got {len(fake)}, {len(real)}"
+        )
+    out = prc_features_to_metric(
+        _as_tensor(fake, torch.float32),
+        _as_tensor(real, torch.float32),
+        prc_neighborhood=neighborhood,
+        prc_batch_size=10_000,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL]}
 
 
 def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> dict[str, float]:
-    """exp(E KL(p(y|x) || p(y))) per split of shuffled samples (torch-fidelity's logits_unbiased, 10 splits)."""
-    x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if len(x) < splits:
-        raise ValueError(f"Inception Score needs at least {splits} samples, got {len(x)}")
-    x = x[np.random.RandomState(seed).permutation(len(x))]
-    p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)
-    scores = []
-    for i in range(splits):
-        lo, hi = i * len(x) // splits, (i + 1) * len(x) // splits
-        q = p[lo:hi].mean(dim=0, keepdim=True)
-        scores.append((p[lo:hi] * (log_p[lo:hi] - q.log())).sum(dim=1).mean().exp().item())
-    return {"is_mean": float(np.mean(scores)), "is_std": float(np.std(scores))}
+    """torch-fidelity's Inception Score: exp(E KL(p(y|x) || p(y))) per split of shuffled samples."""
+    if len(logits) < splits:
+        raise ValueError(f"Inception Score needs at least {splits} samples, got {len(logits)}")
+    out = isc_features_to_metric(_as_tensor(logits, torch.float64), splits, shuffle=True, rng_seed=seed)
+    return {"is_mean": out[KEY_METRIC_ISC_MEAN], "is_std": out[KEY_METRIC_ISC_STD]}
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x)).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- references
