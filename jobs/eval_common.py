@@ -80,7 +80,7 @@ def inception_weights(args: argparse.Namespace) -> Path:
     try:
         return ensure_inception_weights()
     except (RuntimeError, ValueError) as e:
-        fail(f"Inception weights: {e}")
+        fail(f"Inception weights: {e} (or pass --inception-weights)")
 
 
 def init_ray() -> None:
@@ -104,7 +104,7 @@ def print_result(obj: dict) -> None:
 # ----------------------------------------------------------------------------------------------- sweeps
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """What the reconstruction and generation sweeps share."""
-    parser.add_argument("--ks", default="1,2,4,8,16,32,64,128,256", help="token counts, comma-separated")
+    parser.add_argument("--ks", default="1,2,4,8,16,32,64,128,256", help="token counts: 1,2,4 (or a YAML list)")
     parser.add_argument("--timesteps", type=int, default=25, help="decoder Euler steps")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="decoder CFG scale (release: 7.5)")
     parser.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
@@ -121,11 +121,11 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     add_inception_args(parser, own_stage=True)
 
 
-def sweep_ks(text: str, num_registers: int) -> tuple[int, ...]:
+def sweep_ks(value: str | list, num_registers: int) -> tuple[int, ...]:
     from pipeline.sweep import check_ks, parse_ks
 
     try:
-        return check_ks(parse_ks(text), num_registers)
+        return check_ks(parse_ks(value), num_registers)
     except ValueError as e:
         fail(f"--ks: {e}")
 

@@ -53,23 +53,28 @@ class DecodeSettings:
     decode_batch: int = 16  # decoder calls take this many (image, k) jobs, k's mixed
 
 
+def parse_ks(value: str | int | list) -> list[int]:
+    """Token counts from "1,2,4" (a command line), a YAML list [1, 2, 4] or a single number; else a ValueError."""
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else value
+    items = items if isinstance(items, list | tuple) else [items]
+    ks = []
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int | str) or not str(x).lstrip("-").isdigit():
+            raise ValueError(f"token counts are integers like 1,2,4 or [1, 2, 4], got {value!r}")
+        ks.append(int(x))
+    return ks
+
+
 def check_ks(ks: list[int], num_registers: int) -> tuple[int, ...]:
     """Sorted, unique token counts, each in 1..num_registers; else a ValueError that says which."""
     if not ks:
-        raise ValueError("no token counts given (--ks 1,2,4,...)")
+        raise ValueError("no token counts given (e.g. 1,2,4)")
     bad = sorted({k for k in ks if not 1 <= k <= num_registers})
     if bad:
         raise ValueError(
             f"k={bad} outside 1..{num_registers}: this model has {num_registers} registers (tokens per image)"
         )
     return tuple(sorted(set(ks)))
-
-
-def parse_ks(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"--ks must be comma-separated integers, got {text!r}") from None
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -250,7 +255,7 @@ class PartialResults:
                 diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 raise ResumeMismatchError(
                     f"{self.folder} holds partial results of a run with other settings (differs in {diff}); "
-                    "use another --output, or delete that folder to start over"
+                    "write to another folder, or delete this one to start over"
                 )
         else:
             _write_atomic(path, json.dumps(self.fingerprint, indent=1, sort_keys=True).encode())

@@ -218,7 +218,23 @@ def test_bad_inputs_are_clear_errors_before_any_work(ray_session, tiny_dir, phot
         main([*sweep_argv(tiny_dir, photos, inception_weights, out), "--reference-stats", str(other)])
     with pytest.raises(JobError, match="--isc.*classifier"):
         main([*sweep_argv(tiny_dir, photos, inception_weights, out), "--isc"])
+    config = tmp_path / "sweep.yaml"
+    config.write_text("ks: [1, 33]\n")  # a YAML list is parsed like "1,33"
+    argv = sweep_argv(tiny_dir, photos, inception_weights, out)
+    argv = [a for a in argv if a not in ("--ks", KS)]
+    with pytest.raises(JobError, match=r"--ks: k=\[33\] outside"):
+        main([*argv, "--config", str(config)])
     assert not out.exists()  # nothing was written
+
+
+def test_token_counts_from_a_flag_or_a_yaml_list():
+    assert S.parse_ks("1,2, 4") == S.parse_ks([1, 2, 4]) == S.parse_ks(["1", "2", "4"]) == [1, 2, 4]
+    assert S.parse_ks(8) == [8]
+    for bad in ("1,x", [1.5], "1;2", True):
+        with pytest.raises(ValueError, match="integers like 1,2,4") as e:
+            S.parse_ks(bad)
+        assert "--" not in str(e.value)  # the library does not name flags; the jobs do
+    assert S.check_ks([4, 1, 4], 32) == (1, 4)
 
 
 def test_pixel_metrics():
