@@ -12,9 +12,12 @@ torch-fidelity's own functions (`*_features_to_metric`), called on feature array
 
 from __future__ import annotations
 
+import io
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
@@ -250,11 +253,12 @@ class Reference:
         return self.features
 
 
-def save_reference(path: str | Path, ref: Reference) -> Path:
-    path = Path(path)
-    if path.suffix != ".npz":
+def save_reference(path: str | Path, ref: Reference) -> str | Path:
+    """Write `ref` to a local path or any fsspec URL (through a temporary name); returns `path`."""
+    if not str(path).endswith(".npz"):
         raise ValueError(f"statistics files end in .npz, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fs, target = fsspec.core.url_to_fs(str(path))
+    fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
     arrays = {
         "format": np.array(STATS_FORMAT),
         "mu": ref.mu,
@@ -265,9 +269,10 @@ def save_reference(path: str | Path, ref: Reference) -> Path:
     }
     if ref.features is not None:
         arrays["features"] = np.asarray(ref.features, np.float32)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fs.pipe_file(target + ".tmp", buf.getvalue())
+    fs.mv(target + ".tmp", target)
     return path
 
 
