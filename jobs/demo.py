@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-registers", type=int, default=32, help="registers (tokens per image) of the tiny tokenizer (default 32)"
     )
-    p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
+    p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate: 1,2,4 (a YAML list in --config)")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
     p.add_argument("--ar-steps", type=int, default=60, help="AR training steps (default 60)")
     p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
@@ -111,7 +111,8 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
     # (most of the eval time) would otherwise run on one thread.
     cpu_threads = ["--torch-threads", str(os.cpu_count() or 1)]
     gpu_eval = ["--actors", str(args.gpus), "--gpus-per-actor", "1"] if args.gpus else cpu_threads
-    decode = ["--ks", args.ks, "--timesteps", str(args.timesteps), "--guidance-scale", str(args.guidance_scale)]
+    decode = ["--ks", ks_text(args.ks), "--timesteps", str(args.timesteps)]
+    decode += ["--guidance-scale", str(args.guidance_scale)]
     decode += ["--apg"] if args.apg else []
     steps = [
         Step(("shards",), "jobs.make_shards", [
@@ -144,6 +145,16 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         ]),
     ]  # fmt: skip
     return [s for s in steps if not (args.model and s.words == ("train", "tokenizer"))]
+
+
+def ks_text(value: str | list) -> str:
+    """--ks as the sweeps' command lines take it ("1,2,4"), from a flag or a YAML list."""
+    from pipeline.sweep import parse_ks
+
+    try:
+        return ",".join(str(k) for k in parse_ks(value))
+    except ValueError as e:
+        fail(f"--ks: {e}")
 
 
 def prepare_output(root: Path) -> None:
@@ -291,10 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     images = Path(args.images) if args.images else default_images()
     if not (images / "labels.csv").is_file():
         fail(f"no image folder with labels.csv at {images}: pass --images or set FLEXTOK_SHARED")
-    try:
-        ks = [int(k) for k in args.ks.split(",")]
-    except ValueError:
-        fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8, got {args.ks!r}")
+    args.ks = ks_text(args.ks)  # "1,2,4" from here on: the sweeps' flag and the report's setting
+    ks = [int(k) for k in args.ks.split(",")]
     if not args.model and not all(1 <= k <= args.num_registers for k in ks):
         fail(f"--ks must lie in 1..{args.num_registers} (--num-registers), got {args.ks}")
     for name in ("tokenizer_steps", "ar_steps", "timesteps", "eval_images", "num_samples"):

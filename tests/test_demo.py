@@ -60,6 +60,17 @@ def test_given_model_skips_tokenizer_training_and_is_used_everywhere(tmp_path):
     assert sweep.argv[sweep.argv.index("--gpus-per-actor") + 1] == "1"
 
 
+def test_ks_from_a_yaml_list_reaches_both_sweeps_as_a_flag(tmp_path):
+    from jobs.common import parse_args
+
+    config = tmp_path / "demo.yaml"
+    config.write_text("ks: [1, 4, 16]\n")
+    args = parse_args(demo.build_parser(), ["--config", str(config), "--output", str(tmp_path / "demo")])
+    steps = demo.plan(args, REPO.parent / "shared" / "data" / "imagenet-sample", demo.Layout(Path(args.output)))
+    sweeps = [s for s in steps if s.words[0] == "eval"]
+    assert [s.argv[s.argv.index("--ks") + 1] for s in sweeps] == ["1,4,16", "1,4,16"]
+
+
 def test_output_folder_that_is_not_a_demo_folder_is_left_alone(tmp_path):
     keep = tmp_path / "mine"
     keep.mkdir()
