@@ -195,8 +195,8 @@ def current_rss() -> int:
 
 
 def init_ray(runtime_env: dict, num_cpus: int = 2) -> None:
-    """A local Ray for a bench. Ray gives its raylet 30 s to register, which a heavily loaded machine can
-    exceed; here the registration is polled for up to 10 minutes instead (the bench's own patience only)."""
+    """A local Ray for a bench. Ray gives its raylet (and the raylet its agents) about 30 s to start, which a
+    heavily loaded machine can exceed; here both wait up to 10 minutes (the bench's own patience only)."""
     import ray
     import ray._private.services as services
 
@@ -213,6 +213,8 @@ def init_ray(runtime_env: dict, num_cpus: int = 2) -> None:
                 time.sleep(1.0)
 
     services.get_node = patient_get_node
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "600")  # the raylet's own waits for its agents
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "600000")
     try:
         ray.init(
             num_cpus=num_cpus,
