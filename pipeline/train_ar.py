@@ -113,8 +113,8 @@ def corpus_for_training(path: str, k: int | None = None, materialize_bytes: int 
     """The corpus's Ray Dataset with only what training reads (tokens truncated to k).
 
     Every epoch is a new Ray Data execution; over Parquet files that is a new read, whose start-up the workers
-    wait for (a few hundred rows take a few steps per epoch, and 25-50% of the AR job's time went into
-    waiting). A corpus of at most `materialize_bytes` (uint16 tokens + label + key, estimated from its
+    wait for (a few hundred rows take a few steps per epoch; issue 12 saw the AR job wait for data 25-50% of
+    its time). A corpus of at most `materialize_bytes` (uint16 tokens + label + key, estimated from its
     markers) is therefore read once and materialized: later epochs stream its blocks from the object store."""
     from .corpus import corpus_files, output_fs, read_corpus, read_markers
 
