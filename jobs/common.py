@@ -78,7 +78,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def run_main(main_fn, argv: list[str] | None = None) -> int:
     """Call a job's body; turn JobError and the library's input errors (flextok.errors.UserInputError: bad
-    checkpoint, bad input, bad corpus) into one line on stderr and exit status 2."""
+    checkpoint, bad input, bad corpus) into one line on stderr and exit status 2. The process's malloc is tuned
+    first (pipeline.malloc: every job process runs without mmap churn)."""
+    from pipeline.malloc import tune_this_process
+
+    tune_this_process()
     try:
         return int(main_fn(argv) or 0)
     except JobError as e:

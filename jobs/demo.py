@@ -172,7 +172,9 @@ def start_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        from pipeline.malloc import runtime_env
+
+        ray.init(include_dashboard=False, configure_logging=False, runtime_env=runtime_env())
 
 
 def run_step(i: int, n: int, step: Step) -> None:

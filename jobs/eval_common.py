@@ -89,7 +89,9 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(log_to_driver=False, configure_logging=False)
+        from pipeline.malloc import runtime_env
+
+        ray.init(log_to_driver=False, configure_logging=False, runtime_env=runtime_env())
 
 
 def progress(message: str) -> None:

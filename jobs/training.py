@@ -89,8 +89,10 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from pipeline.malloc import runtime_env
+
     if not ray.is_initialized():
-        ray.init()
+        ray.init(runtime_env=runtime_env())
 
 
 def finish(result: Any, export: str | None, what: str) -> int:

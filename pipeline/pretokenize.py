@@ -45,6 +45,7 @@ from .corpus import (
     tokens_table,
     write_summary,
 )
+from .malloc import runtime_env
 from .preprocess import AUGMENT_MODES, PREPROCESSING, to_model_input
 from .sources import InputShard, batched, decode_records, expand_inputs
 
@@ -338,7 +339,7 @@ def run_pretokenize(
     _remove_stale(fs, root, [u for u, _ in todo])
     if todo:
         if not ray.is_initialized():
-            ray.init()
+            ray.init(runtime_env=runtime_env())  # pipeline.malloc: no mmap churn in the actors
         gather, last_log = _Gather(), 0.0
         ds = build_dataset(todo, cfg, meta, actor_cls)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):

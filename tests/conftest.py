@@ -130,8 +130,12 @@ def ray_session(s3_env):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault(*FEW_FOOTER_READERS)
+    from pipeline.malloc import runtime_env
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=runtime_env()
+        )
     yield ray
     ray.shutdown()
 
