@@ -132,7 +132,7 @@ def main() -> None:
     if args.inception:
         scorers.append(make_scorer(Criterion("inception", 0.0), device=device))
     start = time.perf_counter()
-    tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec)
+    tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=lambda m: print(m, flush=True))
     psnr = tables[0]
     print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
 

@@ -240,7 +240,13 @@ def search_lengths(
 
 @torch.no_grad()
 def score_every_k(
-    model, photos: np.ndarray, ladder: list[int], scorers: list, seeds: list[int] | None = None, dec=None
+    model,
+    photos: np.ndarray,
+    ladder: list[int],
+    scorers: list,
+    seeds: list[int] | None = None,
+    dec=None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, list[np.ndarray], dict[int, np.ndarray]]:
     """Decode every rung for every image (same noise per image): (tokens [N, n], per scorer scores [N, L],
     k -> reconstructions uint8 [N, R, R, 3])."""
@@ -255,4 +261,6 @@ def score_every_k(
         recons[k] = decode_prefixes(model, tokens, idx, np.full(len(photos), k), noise, dec)
         for s, ref, out in zip(scorers, refs, scores, strict=True):
             out[:, j] = s(ref, recons[k])
+        if log:
+            log(f"k={k}: decoded and scored {len(photos)} images")
     return tokens, scores, recons
