@@ -192,9 +192,11 @@ def make_scorer(criterion: Criterion, inception_weights: str | None = None, devi
 
 # ------------------------------------------------------------------------------------------ with a model
 def image_noise(model, seeds: list[int]) -> torch.Tensor:
-    """Initial decoder noise [N, C, h, w]: image i's from its own generator seeded with seeds[i]."""
-    draws = [model.draw_noise(1, torch.Generator(device=model.device).manual_seed(int(s))) for s in seeds]
-    return torch.cat(draws)
+    """Initial decoder noise [N, C, h, w] on the model's device: image i's drawn on the CPU (the same on any
+    device) from its own generator seeded with seeds[i]."""
+    C, h = model.cfg.vae.latent_channels, model.cfg.latent_size
+    draws = [torch.randn((1, C, h, h), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.cat(draws).to(model.device)
 
 
 @dataclass
