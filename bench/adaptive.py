@@ -75,6 +75,19 @@ def adaptive_point(psnr: np.ndarray, table: np.ndarray, ladder: list[int], crite
     }
 
 
+def equal_slope_points(psnr: np.ndarray, ladder: list[int], lambdas: list[float]) -> list[dict]:
+    """Oracle reference, not a search: per image the k maximising PSNR_i(k) - lam * k over the whole decoded
+    table (every rung decoded), i.e. tokens go where they buy the most dB. Shows what a per-image allocation
+    could reach at equal mean tokens; the search cannot do this with its ceil(log2 L) + 1 decodes."""
+    ks = np.asarray(ladder, np.float64)
+    points = []
+    for lam in lambdas:
+        cols = np.argmax(psnr - lam * ks[None], axis=1)  # [N]
+        chosen = psnr[np.arange(len(psnr)), cols]
+        points.append({"lambda": lam, "mean_tokens": float(ks[cols].mean()), "mean_psnr": float(chosen.mean())})
+    return points
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -90,6 +103,9 @@ def plot(results: dict, path: Path) -> None:
             ax.plot([p["mean_tokens"] for p in pts], [p["mean_psnr"] for p in pts], marker, label=f"adaptive ({name})")
             for p in pts:
                 ax.annotate(f"{p['target']:g}", (p["mean_tokens"], p["mean_psnr"]), fontsize=7)
+    oracle = results.get("equal_slope_oracle") or []
+    if oracle:
+        ax.plot([p["mean_tokens"] for p in oracle], [p["mean_psnr"] for p in oracle], ".:", label="equal-slope oracle")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("mean tokens per image")
     ax.set_ylabel("mean PSNR (dB)")
@@ -197,6 +213,7 @@ def main() -> None:
         "psnr_table": np.round(psnr, 3).tolist(),
         "fixed": [{"k": k, "mean_tokens": k, "mean_psnr": v} for k, v in sorted(fixed.items())],
         "adaptive": adaptive,
+        "equal_slope_oracle": equal_slope_points(psnr, ladder, [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]),
         "live_search": live,
     }
     if args.inception:
