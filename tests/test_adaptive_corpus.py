@@ -178,3 +178,38 @@ def test_actor_gives_each_image_its_searched_prefix_and_passes_other_rows_throug
     assert [r["adaptive_decodes"] for r in good] == want.decodes.tolist()
     assert out[2]["tokens"] is None and out[2]["adaptive_missed"] is None and out[2]["error"] == "x"
     assert len(set(want.k.tolist())) > 1 and 0 < want.missed.sum() < len(files)
+
+
+def test_a_written_variable_length_corpus_validates_and_reads_back_without_ray(tmp_path):
+    """The writer, manifest, validation and CorpusDataset on rows of lengths 1, 4 and 32 (no cluster needed)."""
+    import pyarrow as pa
+
+    from pipeline.corpus import adaptive_stats, commit_unit, output_fs, write_summary
+
+    meta = CorpusMeta(
+        "tiny", "0" * 64, 64000, 32, 32, 32, "none", PREPROCESSING, adaptive_criterion="psnr", adaptive_target="20",
+        adaptive_ladder="1,2,4,8,16,32", adaptive_decoding="timesteps=2,guidance_scale=1",
+    )  # fmt: skip
+    lengths = [1, 4, 32, 4]
+    rows = [list(range(n)) for n in lengths]
+    table = pa.table(
+        {
+            "key": [f"k{i}" for i in range(4)],
+            "label": [0, 1, None, 3],
+            "tokens": pa.array(rows, pa.list_(pa.field("element", pa.uint16()))),
+            "num_tokens": pa.array(lengths, pa.int16()),
+            "source": ["s"] * 4,
+            "aug": pa.array([0] * 4, pa.int16()),
+        }
+    )
+    fs, root = output_fs(str(tmp_path / "c"))
+    marker = {"url": "s", "kind": "folder", "index": 0, "digest": "d", "read": 4, "failed": 0, "errors": []}
+    marker["adaptive"] = adaptive_stats(np.array(lengths), np.array([False, False, True, False]), np.full(4, 3))
+    markers = {"u": commit_unit(fs, root, "u", table, meta, 100, marker)}
+    manifest = write_summary(fs, root, markers, meta)
+    assert manifest["adaptive"]["k_histogram"] == {"1": 1, "4": 2, "32": 1} and manifest["adaptive"]["missed"] == 1
+    assert validate_corpus(str(tmp_path / "c")).problems == []
+    loader = DataLoader(CorpusDataset(str(tmp_path / "c"), k=8), batch_size=4, collate_fn=pad_collate)
+    tokens, labels, got = next(iter(loader))
+    assert got.tolist() == [1, 4, 8, 4] and tokens.shape == (4, 8) and labels.tolist() == [0, 1, -1, 3]
+    assert tokens[0].tolist() == [0] + [0] * 7 and tokens[2].tolist() == list(range(8))
