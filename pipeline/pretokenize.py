@@ -38,6 +38,7 @@ from .corpus import (
     MANIFEST,
     TMP_DIR,
     CorpusMeta,
+    adaptive_stats,
     commit_unit,
     join,
     output_fs,
@@ -83,6 +84,10 @@ class PretokenizeConfig:
     rows_per_file: int = 100_000  # upper bound on rows per data file (a shard's rows never share a file)
     folder_chunk: int = 1000  # images per unit of work when an input is a folder
     block_rows: int = 64  # decoded images per block leaving a read task
+    adaptive: str | None = None  # "psnr:TARGET" | "inception:TARGET": each row its own shortest good prefix
+    ladder: str | None = None  # adaptive: the k's to choose from, "1,2,4"; None: powers of two up to the registers
+    adaptive_timesteps: int = 25  # adaptive: decoder steps of the search's reconstructions
+    adaptive_guidance_scale: float = 1.0  # adaptive: their guidance scale
 
 
 @dataclass
@@ -190,16 +195,47 @@ def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
         raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
     is_folder = is_url(cfg.model) or Path(cfg.model).is_dir()
     name = posixpath.basename(str(cfg.model).rstrip("/")) if is_folder else cfg.model
+    adaptive = adaptive_meta(cfg, n)
     return CorpusMeta(
         tokenizer=name,
         tokenizer_sha256=weights_digest(model.state_dict()),
         codebook_size=model.codebook_size,
         num_registers=n,
-        num_tokens=cfg.num_tokens or n,
+        num_tokens=int(adaptive["adaptive_ladder"].split(",")[-1]) if adaptive else (cfg.num_tokens or n),
         resolution=size,
         augment=cfg.augment,
         preprocessing=PREPROCESSING,
+        **adaptive,
     )
+
+
+def adaptive_meta(cfg: PretokenizeConfig, num_registers: int) -> dict[str, str]:
+    """The CorpusMeta fields of --adaptive (empty without it); bad values raise JobInputError (one line)."""
+    if not cfg.adaptive:
+        if cfg.ladder:
+            raise JobInputError("--ladder needs --adaptive")
+        return {}
+    from .adaptive import parse_adaptive, parse_ladder
+    from .adaptive_stage import AdaptiveSettings
+
+    if cfg.num_tokens is not None:
+        raise JobInputError("--num-tokens and --adaptive exclude each other (the ladder's largest k is the cap)")
+    if cfg.adaptive_timesteps < 1:
+        raise JobInputError(f"--adaptive-timesteps {cfg.adaptive_timesteps}: need at least 1 decoder step")
+    try:
+        criterion = parse_adaptive(cfg.adaptive)
+        ladder = parse_ladder(cfg.ladder, num_registers)
+    except ValueError as e:
+        raise JobInputError(str(e)) from None
+    settings = AdaptiveSettings(
+        criterion.name, criterion.target, tuple(ladder), cfg.adaptive_timesteps, cfg.adaptive_guidance_scale
+    )
+    return {
+        "adaptive_criterion": criterion.name,
+        "adaptive_target": f"{criterion.target:g}",
+        "adaptive_ladder": ",".join(map(str, ladder)),
+        "adaptive_decoding": settings.decoding_text(),
+    }
 
 
 def check_output(markers: dict[str, dict], units: dict[str, InputShard], meta: CorpusMeta, output: str) -> None:
@@ -251,6 +287,14 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
         "use_gpu": gpus > 0,
         "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
     }
+    if meta.adaptive:
+        actor_kwargs["adaptive"] = {
+            "criterion": meta.adaptive_criterion,
+            "target": float(meta.adaptive_target),
+            "ladder": meta.ladder,
+            "timesteps": cfg.adaptive_timesteps,
+            "guidance_scale": cfg.adaptive_guidance_scale,
+        }
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=actor_kwargs,
@@ -337,6 +381,10 @@ def run_pretokenize(
     if fs.exists(join(root, MANIFEST)):
         fs.rm(join(root, MANIFEST))  # the output is incomplete until this run ends
     _remove_stale(fs, root, [u for u, _ in todo])
+    if meta.adaptive and actor_cls is TokenizeActor:
+        from .adaptive_stage import AdaptiveTokenizeActor
+
+        actor_cls = AdaptiveTokenizeActor
     if todo:
         if not ray.is_initialized():
             ray.init(runtime_env=runtime_env())  # pipeline.malloc: no mmap churn in the actors
@@ -385,4 +433,12 @@ def _commit(fs, root, unit: str, shard: InputShard, rows: pa.Table, meta: Corpus
         "failed": len(errors),
         "errors": errors,
     }
+    if meta.adaptive:
+        good = rows.filter(pc.is_null(rows.column("error")))
+        if "adaptive_missed" in good.column_names:
+            missed, decodes = good.column("adaptive_missed").to_numpy(), good.column("adaptive_decodes").to_numpy()
+        else:  # a unit without images
+            missed, decodes = np.zeros(0, bool), np.zeros(0, np.int16)
+        lengths = pc.list_value_length(good.column("tokens")).to_numpy(zero_copy_only=False)
+        marker["adaptive"] = adaptive_stats(lengths, missed, decodes)
     return commit_unit(fs, root, unit, _corpus_rows(rows), meta, cfg.rows_per_file, marker)
