@@ -94,15 +94,17 @@ def center_views(ds, augment: str):
 
 
 # --------------------------------------------------------------------------------------------- decoding
-def noise_seed(seed: int, key: str, k: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}|{key}|{k}".encode()).digest()[:8], "little") >> 1
+def noise_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "little") >> 1
 
 
 def initial_noise(model, seed: int, jobs: list[tuple[str, int]]) -> torch.Tensor:
-    """One noise draw per (key, k) job, each from its own CPU generator: [J, C, h, w]."""
+    """One noise draw per (key, k) job from a CPU generator seeded by (seed, key): [J, C, h, w]. Every k of an
+    image starts from the same noise, so its reconstructions differ only by the tokens (a grid row shows one
+    image gaining detail, not a new sample per k)."""
     C, h = model.cfg.vae.latent_channels, model.cfg.latent_size
     draws = [
-        torch.randn((1, C, h, h), generator=torch.Generator().manual_seed(noise_seed(seed, key, k))) for key, k in jobs
+        torch.randn((1, C, h, h), generator=torch.Generator().manual_seed(noise_seed(seed, key))) for key, _ in jobs
     ]
     return torch.cat(draws).to(model.device)
 
