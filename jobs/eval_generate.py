@@ -24,18 +24,17 @@ from jobs.eval_common import (
     check_resource_args,
     check_sweep_args,
     checked_reference,
-    inception_resources,
     inception_setup,
-    init_ray,
     load_flextok,
     local_or_hub,
     metric_options,
     print_result,
     progress,
-    resources,
     sweep_ks,
+    sweep_resources,
     versions,
 )
+from jobs.resources import Cluster, Plan, init_ray, sweep_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--grid-samples", type=int, default=8, help="rows of samples_grid.png")
     add_sweep_args(p)
-    add_resource_args(p, batch_size=1)
+    add_resource_args(p, "generator actors (AR model + FlexTok decoder)", batch_size=1)
     return p
 
 
@@ -62,6 +61,11 @@ def load_ar(path: str):
         return ARModel.from_pretrained(path).eval()
     except (OSError, ValueError, CheckpointError) as e:
         fail(f"--ar-model {path}: {e}")
+
+
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Decoder actors and the Inception stage, at the same time."""
+    return sweep_plan(args, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except S.ResumeMismatchError as e:
         fail(str(e))
 
-    init_ray()
-    total_actors = args.actors + args.inception_actors
-    res, inception_res = resources(args, total_actors), inception_resources(args, total_actors)
+    init_ray(worker_logs=False)
+    res, inception_res = sweep_resources(args, "eval_generate")
     import ray
 
     grid_keys = [G.sample_key(i) for i in range(min(args.grid_samples, args.num_samples))]

@@ -27,18 +27,17 @@ from jobs.eval_common import (
     check_resource_args,
     check_sweep_args,
     checked_reference,
-    inception_resources,
     inception_setup,
-    init_ray,
     load_flextok,
     local_or_hub,
     metric_options,
     print_result,
     progress,
-    resources,
     sweep_ks,
+    sweep_resources,
     versions,
 )
+from jobs.resources import Cluster, Plan, init_ray, sweep_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="evaluate the first N inputs (default: all)")
     p.add_argument("--grid-images", type=int, default=8, help="rows of recon_grid.png")
     add_sweep_args(p)
-    add_resource_args(p, batch_size=8)
+    add_resource_args(p, "decoder actors (FlexTok: encode once, decode every k)", batch_size=8)
     return p
 
 
@@ -92,6 +91,11 @@ def source_dataset(args: argparse.Namespace, corpus: bool, resolution: int):
     except (InputError, OSError, ValueError) as e:
         fail(f"--input: {e}")
     return ds.limit(args.num_samples) if args.num_samples else ds
+
+
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Decoder actors and the Inception stage, at the same time."""
+    return sweep_plan(args, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,9 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         groups,
     )
-    init_ray()
-    total_actors = args.actors + args.inception_actors
-    res, inception_res = resources(args, total_actors), inception_resources(args, total_actors)
+    init_ray(worker_logs=False)
+    res, inception_res = sweep_resources(args, "eval_sweep")
     ds = source_dataset(args, corpus, R)  # an empty or missing input fails here, before anything is written
     try:
         partial.open()
@@ -174,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         ds = ds.map_batches(S.ReconstructStage, fn_constructor_kwargs=stage, **res.map_kwargs())
         ds = with_inception_features(ds, weights, inception_res)
-        progress(f"[eval_sweep] k={list(ks)}: {res.actors} model actor(s), {inception_res.actors} Inception actor(s)")
+        progress(
+            f"[eval_sweep] k={list(ks)}: {res.workers} decoder actor(s), {inception_res.workers} Inception actor(s)"
+        )
         collector.consume(ds)
 
     gathered = S.gather(partial)

@@ -10,9 +10,19 @@ Output layout and columns: docs/pretokenize.md. Run `python jobs/validate_corpus
 from __future__ import annotations
 
 import argparse
-import os
 
 from jobs.common import fail, parse_args, run_main
+from jobs.resources import (
+    Cluster,
+    Plan,
+    actor_stage_plan,
+    add_worker_args,
+    check_args,
+    cluster_now,
+    init_ray,
+    threads,
+    warn_if_short,
+)
 
 
 class ReplaceDefaultAppend(argparse.Action):
@@ -36,11 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder URL (required)")
     p.add_argument("--resolution", type=int, help="image size (default and only allowed value: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per tokenize call (default 64)")
-    p.add_argument(
-        "--num-gpus-per-worker", type=float, help="GPUs per tokenizer actor (default: 1 if the cluster has GPUs)"
-    )
-    p.add_argument("--concurrency", type=int, help="number of tokenizer actors (default: one per GPU, else 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per tokenizer actor (default 1)")
     p.add_argument("--torch-threads", type=int, help="torch threads per actor on CPU (default: --cpus-per-worker)")
     p.add_argument("--num-tokens", type=int, help="store each sequence's first K tokens (default: all)")
     p.add_argument(
@@ -52,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels CSV for folder inputs (default: the folder's labels.csv)")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="max rows per data file (default 100000)")
     p.add_argument("--folder-chunk", type=int, default=1000, help="images per unit of work for folders (default 1000)")
+    add_worker_args(p, "tokenizer actors")
     return p
+
+
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Tokenizer actors fed by decoding tasks."""
+    return actor_stage_plan("tokenize", args, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,20 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("model", "input", "output"):
         if not getattr(args, name):
             fail(f"--{name} is required")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if problem := check_args(args):
+        fail(problem)
     from pipeline.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize
     from pipeline.sources import InputError
 
+    init_ray()
+    cluster = cluster_now()
+    plan = resource_plan(args, cluster)
+    warn_if_short(plan, cluster, "pretokenize")
+    tokenize = plan.stage("tokenize")
     cfg = PretokenizeConfig(
         model=args.model,
         inputs=list(args.input),
         output=args.output,
         resolution=args.resolution,
         batch_size=args.batch_size,
-        num_gpus_per_worker=args.num_gpus_per_worker,
-        concurrency=args.concurrency,
-        cpus_per_worker=args.cpus_per_worker,
-        torch_threads=args.torch_threads,
+        workers=tokenize.workers,
+        gpus_per_worker=tokenize.gpus,
+        cpus_per_worker=tokenize.cpus,
+        torch_threads=threads(tokenize, args.torch_threads),
         num_tokens=args.num_tokens,
         augment=args.augment,
         labels=args.labels,

@@ -2,7 +2,7 @@
 streamed to the workers through Ray Data.
 
     python jobs/train_ar.py --config configs/train_ar_tiny.yaml --corpus corpus/
-    python jobs/train_ar.py --config configs/train_ar_d30.yaml --corpus s3://bucket/corpus --num-workers 32
+    python jobs/train_ar.py --config configs/train_ar_d30.yaml --corpus s3://bucket/corpus --workers 32
     (run the same command again to resume a stopped or failed run from its latest checkpoint)
 
 Checkpoints: STORAGE/NAME/checkpoint_<step>/{model,ema} load with `flextok.ar.ARModel.from_pretrained`.
@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 
 from jobs.common import fail, parse_args, run_main
-from jobs.training import add_training_args, check_required, finish, init_ray, loop_config, scaling_and_run
+from jobs.training import add_training_args, check_required, finish, loop_config, resource_plan, scaling_and_run
+
+__all__ = ["build_parser", "main", "resource_plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         fail(str(e))
-    init_ray()
     dataset = corpus_for_training(args.corpus, k)
     print(
         f"training AR '{args.preset}' on {args.corpus} (k={k}, tokenizer {meta.tokenizer}) for {loop.steps} steps "
-        f"on {scaling.num_workers} worker(s) -> {args.storage_path}/{args.name}",
+        f"on {scaling.workers} worker(s) -> {args.storage_path}/{args.name}",
         flush=True,
     )
     result = run_training(ARTask(model=cfg.to_dict()), loop, dataset, scaling, run)

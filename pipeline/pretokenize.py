@@ -70,10 +70,10 @@ class PretokenizeConfig:
     output: str  # output folder URL
     resolution: int | None = None  # default: the model's image size (the only one it accepts)
     batch_size: int = 64  # images per tokenize call
-    num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    concurrency: int | None = None  # tokenizer actors; None: the cluster's GPUs (at least 1)
+    workers: int = 1  # tokenizer actors (the job plans these from the cluster: jobs/resources.py)
+    gpus_per_worker: float = 0.0  # GPUs per tokenizer actor (> 0: the actor runs on CUDA, or fails)
     cpus_per_worker: float = 1.0  # CPUs reserved per tokenizer actor
-    torch_threads: int | None = None  # torch threads per actor on CPU; None: cpus_per_worker
+    torch_threads: int | None = None  # torch threads per actor; None: cpus_per_worker
     num_tokens: int | None = None  # store each sequence's first K tokens; None: all
     augment: str = "none"  # none | random-flip | flip | tencrop (pipeline.preprocess)
     labels: str | None = None  # labels CSV for folder inputs (default: the folder's labels.csv)
@@ -133,9 +133,11 @@ class TokenizeActor:
 
         from flextok import FlexTok
 
+        from .devices import stage_device
+
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = stage_device("the pretokenize tokenizer actor", use_gpu)
         self.model = FlexTok.from_pretrained(model, map_location=device).eval()
         self.resolution, self.num_tokens = resolution, num_tokens
 
@@ -226,11 +228,6 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
     """The Ray Data plan for the shards still to do."""
     import ray
 
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = cfg.num_gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus > 0 else 0.0
-    actors = cfg.concurrency or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
     items = [{"unit": unit, "shard": shard.to_json()} for unit, shard in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     read_kwargs = {"resolution": meta.resolution, "augment": cfg.augment, "block_rows": cfg.block_rows}
@@ -244,16 +241,16 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
         "model": cfg.model,
         "resolution": meta.resolution,
         "num_tokens": meta.num_tokens,
-        "use_gpu": gpus > 0,
+        "use_gpu": cfg.gpus_per_worker > 0,
         "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
     }
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_gpus=gpus,
+        num_gpus=cfg.gpus_per_worker,
         num_cpus=cfg.cpus_per_worker,
     )
 

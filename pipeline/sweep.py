@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .devices import stage_device
 from .features import FEATURE_DIM, is_error
 from .fid import FeatureStats, Reference, inception_score, kernel_inception_distance, low_rank_factor, merge_all
 from .fid import precision_recall as prc
@@ -166,7 +167,7 @@ class ReconstructStage:
 
         if threads:
             torch.set_num_threads(threads)
-        device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+        device = stage_device("the sweep's decoder actor", device == "cuda")
         self.model = FlexTok.from_pretrained(model, map_location=device).eval()
         self.ks, self.s = ks, DecodeSettings(**settings)
         self.grid, self.real_features = set(grid_keys), real_features
