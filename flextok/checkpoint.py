@@ -19,7 +19,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -700,9 +702,83 @@ def weights_digest(state_dict: dict[str, Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes, in name order: the model's identity."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, name, state_dict[name])
+    return h.hexdigest()
+
+
+def _hash_tensor(h: Any, name: str, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, without another copy
+
+
+# safetensors dtype names -> torch (https://github.com/huggingface/safetensors, format header)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """({tensor name: {dtype, shape, data_offsets}}, offset of the data) from a .safetensors file's header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a safetensors file (header size {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def streamed_weights_digest(weights: Path, model: Any, official: bool = False) -> str:
+    """`weights_digest(model.state_dict())` of `model` loaded from `weights`, read one tensor at a time: `model`
+    may live on the meta device (no memory for weights), it only gives names, dtypes and shapes. `official`:
+    the file has the release's tensor names and layouts. The same mismatches as strict loading are errors."""
+    header, data_start = read_safetensors_header(weights)
+    file_name = {(_rename(k, to_ours=True) if official else k): k for k in header}
+    if None in file_name:
+        unknown = sorted(k for k in header if _rename(k, to_ours=True) is None)
+        raise CheckpointError(f"checkpoint has {len(unknown)} tensor(s) with no counterpart in this model: {unknown}")
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(file_name)), sorted(set(file_name) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint does not match the model: missing tensors {missing}, unexpected {extra}")
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for name in sorted(expected):
+            entry = header[file_name[name]]
+            if entry.get("dtype") not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{weights}: tensor {file_name[name]} has unsupported dtype {entry.get('dtype')}")
+            begin, end = entry["data_offsets"]
+            raw = bytearray(end - begin)
+            f.seek(data_start + begin)
+            if f.readinto(raw) != len(raw):
+                raise CheckpointError(f"{weights} is truncated (tensor {file_name[name]})")
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            t = t.reshape(entry["shape"])
+            t = _to_ours(name, t) if official else t
+            if t.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"checkpoint does not match the model: shape mismatches "
+                    f"['{name}: checkpoint {list(t.shape)} vs model {list(expected[name].shape)}']"
+                )
+            _hash_tensor(h, name, t.to(expected[name].dtype))  # loading casts to the model's dtype
     return h.hexdigest()
 
 
@@ -782,9 +858,34 @@ def _local_folder(path_or_hub_id: str | Path) -> Path:
     raise CheckpointError(f"no such checkpoint folder or hub id: {text}")
 
 
-def load_pretrained(path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    from .model import FlexTok
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a FlexTok checkpoint folder says without loading its weights."""
 
+    folder: Path  # holds model.safetensors
+    cfg: FlexTokConfig
+    official: bool  # the release's format (tensor names and layouts translated on load)
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "model.safetensors"
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.cfg.fsq_levels)
+
+    def digest(self) -> str:
+        """The loaded model's `weights_digest`, streamed from the file (a model on the meta device gives the
+        names and dtypes): a driver learns a checkpoint's identity without holding its weights."""
+        from .model import FlexTok
+
+        with torch.device("meta"):
+            model = FlexTok(self.cfg)
+        return streamed_weights_digest(self.weights, model, official=self.official)
+
+
+def read_checkpoint_info(path_or_hub_id: str | Path) -> CheckpointInfo:
+    """The folder and configuration of a checkpoint (config.json, or the release's safetensors header)."""
     folder = _local_folder(path_or_hub_id)
     weights = folder / "model.safetensors"
     if not weights.is_file():
@@ -794,20 +895,27 @@ def load_pretrained(path_or_hub_id: str | Path, map_location: str | torch.device
         if (folder / "config.json").is_file()
         else _official_config_from_safetensors(weights)
     )
-    tensors = load_file(str(weights), device=str(map_location))
     if raw.get("format") == FORMAT:
         if raw.get("version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint format version {raw.get('version')} is not supported (expected {FORMAT_VERSION})"
             )
-        cfg = FlexTokConfig.from_dict(raw["config"])
-    elif "_target_" in raw:
+        return CheckpointInfo(folder, FlexTokConfig.from_dict(raw["config"]), official=False)
+    if "_target_" in raw:
         cfg = official_to_config(raw, _resolve_vae_arch(folder, raw["vae"].get("hf_hub_path")))
+        return CheckpointInfo(folder, cfg, official=True)
+    raise CheckpointError(f"{folder / 'config.json'} is neither our format nor the official hydra format")
+
+
+def load_pretrained(path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    from .model import FlexTok
+
+    info = read_checkpoint_info(path_or_hub_id)
+    tensors = load_file(str(info.weights), device=str(map_location))
+    if info.official:
         tensors = official_state_dict_to_ours(tensors)
-    else:
-        raise CheckpointError(f"{folder / 'config.json'} is neither our format nor the official hydra format")
     with torch.device("meta"):
-        model = FlexTok(cfg)
+        model = FlexTok(info.cfg)
     model = model.to_empty(device=map_location)
     _rebuild_nonpersistent(model)
     load_state_dict_strict(model, tensors)

@@ -125,11 +125,13 @@ def local_or_hub(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
-def load_flextok(path: str):
-    from flextok import FlexTok
+def flextok_info(path: str):
+    """(checkpoint info, weights digest) of --model, from its files: the driver never builds the model."""
+    from flextok.checkpoint import read_checkpoint_info
 
     try:
-        return FlexTok.from_pretrained(path).eval()
+        info = read_checkpoint_info(path)
+        return info, info.digest()
     except (OSError, ValueError) as e:
         fail(f"--model {path}: {e}")
 

@@ -24,8 +24,8 @@ from jobs.eval_common import (
     check_resource_args,
     check_sweep_args,
     checked_reference,
+    flextok_info,
     inception_setup,
-    load_flextok,
     local_or_hub,
     metric_options,
     print_result,
@@ -53,12 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_ar(path: str):
+def ar_info(path: str):
+    """(config, weights digest) of --ar-model, from its files."""
     from flextok.ar import ARModel
     from flextok.checkpoint import CheckpointError
 
     try:
-        return ARModel.from_pretrained(path).eval()
+        return ARModel.read_config(path), ARModel.file_digest(path)
     except (OSError, ValueError, CheckpointError) as e:
         fail(f"--ar-model {path}: {e}")
 
@@ -79,20 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     check_resource_args(args)
     started = time.time()
 
-    from flextok.checkpoint import weights_digest
     from pipeline import generate as G
     from pipeline import report
     from pipeline import sweep as S
     from pipeline.features import ordered_execution, with_inception_features
 
     # every check before any work
-    ar, model = load_ar(args.ar_model), load_flextok(args.model)
-    ks = sweep_ks(args.ks, min(model.num_registers, ar.cfg.max_tokens))
-    if ar.cfg.vocab_size != model.codebook_size:
-        fail(f"--ar-model predicts {ar.cfg.vocab_size} token ids; --model's codebook has {model.codebook_size}")
-    ar_sha256, model_sha256 = weights_digest(ar.state_dict()), weights_digest(model.state_dict())
-    num_classes, R = ar.cfg.num_classes, model.cfg.image_size
-    del ar, model  # the actors load their own copies
+    # the actors load the models; the driver reads their files
+    (ar_cfg, ar_sha256), (info, model_sha256) = ar_info(args.ar_model), flextok_info(args.model)
+    ks = sweep_ks(args.ks, min(info.cfg.num_registers, ar_cfg.max_tokens))
+    if ar_cfg.vocab_size != info.codebook_size:
+        fail(f"--ar-model predicts {ar_cfg.vocab_size} token ids; --model's codebook has {info.codebook_size}")
+    num_classes, R = ar_cfg.num_classes, info.cfg.image_size
     sampling = G.SamplingSettings(args.cfg_scale, args.temperature, args.top_k, args.top_p)
     weights, identity, has_classifier = inception_setup(args)
     reference = checked_reference(args.reference_stats, identity, R)

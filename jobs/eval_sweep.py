@@ -27,8 +27,8 @@ from jobs.eval_common import (
     check_resource_args,
     check_sweep_args,
     checked_reference,
+    flextok_info,
     inception_setup,
-    load_flextok,
     local_or_hub,
     metric_options,
     print_result,
@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     check_resource_args(args)
     started = time.time()
 
-    from flextok.checkpoint import weights_digest
     from pipeline import report
     from pipeline import sweep as S
     from pipeline.features import ordered_execution, with_inception_features
@@ -117,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.preprocess import PREPROCESSING
 
     # every check before any work: model, k's, Inception, reference, input
-    model = load_flextok(args.model)
-    ks = sweep_ks(args.ks, model.num_registers)
-    model_sha256, R, num_registers = weights_digest(model.state_dict()), model.cfg.image_size, model.num_registers
-    del model  # the actors load their own copies
+    info, model_sha256 = flextok_info(args.model)  # the actors load the model; the driver reads its files
+    R, num_registers = info.cfg.image_size, info.cfg.num_registers
+    ks = sweep_ks(args.ks, num_registers)
     weights, identity, has_classifier = inception_setup(args)
     preprocessing = f"{PREPROCESSING} @ {R}px, uint8"
     reference = checked_reference(args.reference_stats, identity, R) if args.reference_stats else None

@@ -173,25 +173,25 @@ def unit_name(shard: InputShard) -> str:
 
 
 def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
-    """Load the model once on the driver: its identity and sizes, checked against the configuration."""
-    from flextok import FlexTok
-    from flextok.checkpoint import weights_digest
+    """The model's identity and sizes, from its checkpoint files (the driver never holds the weights), checked
+    against the configuration."""
+    from flextok.checkpoint import read_checkpoint_info
 
-    model = FlexTok.from_pretrained(cfg.model)
-    size, n = model.cfg.image_size, model.num_registers
+    info = read_checkpoint_info(cfg.model)
+    size, n = info.cfg.image_size, info.cfg.num_registers
     if cfg.resolution is not None and cfg.resolution != size:
         raise JobInputError(f"--resolution {cfg.resolution}: the model {cfg.model} takes {size}x{size} images")
     if cfg.num_tokens is not None and not 1 <= cfg.num_tokens <= n:
         raise JobInputError(f"--num-tokens {cfg.num_tokens}: the model makes {n} tokens, so 1 <= K <= {n}")
-    if model.codebook_size > 65536:
-        raise JobInputError(f"codebook size {model.codebook_size} does not fit the corpus's uint16 tokens")
+    if info.codebook_size > 65536:
+        raise JobInputError(f"codebook size {info.codebook_size} does not fit the corpus's uint16 tokens")
     if cfg.augment not in AUGMENT_MODES:
         raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
     name = Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model
     return CorpusMeta(
         tokenizer=name,
-        tokenizer_sha256=weights_digest(model.state_dict()),
-        codebook_size=model.codebook_size,
+        tokenizer_sha256=info.digest(),
+        codebook_size=info.codebook_size,
         num_registers=n,
         num_tokens=cfg.num_tokens or n,
         resolution=size,

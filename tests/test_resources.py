@@ -147,8 +147,15 @@ FAKE_GPU_RAY = textwrap.dedent(
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s start-up wait
+        try:
+            ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     from jobs import demo
     from jobs.common import add_config_flag, worker_error_line
     from jobs.resources import Stage, cluster_now
