@@ -73,24 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--{name} is required")
     if problem := check_args(args):
         fail(problem)
-    from pipeline.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize
+    from pipeline.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize, tokenizer_meta
     from pipeline.sources import InputError
 
-    init_ray()
-    cluster = cluster_now()
-    plan = resource_plan(args, cluster)
-    warn_if_short(plan, cluster, "pretokenize")
-    tokenize = plan.stage("tokenize")
     cfg = PretokenizeConfig(
         model=args.model,
         inputs=list(args.input),
         output=args.output,
         resolution=args.resolution,
         batch_size=args.batch_size,
-        workers=tokenize.workers,
-        gpus_per_worker=tokenize.gpus,
-        cpus_per_worker=tokenize.cpus,
-        torch_threads=threads(tokenize, args.torch_threads),
         num_tokens=args.num_tokens,
         augment=args.augment,
         labels=args.labels,
@@ -98,7 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         folder_chunk=args.folder_chunk,
     )
     try:
-        summary = run_pretokenize(cfg)
+        meta = tokenizer_meta(cfg)  # the model's files checked before Ray starts
+    except JobInputError as e:
+        fail(str(e))
+    except (OSError, ValueError) as e:
+        fail(f"--model {args.model}: {e}")
+    init_ray()
+    cluster = cluster_now()
+    plan = resource_plan(args, cluster)
+    warn_if_short(plan, cluster, "pretokenize")
+    tokenize = plan.stage("tokenize")
+    cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker = tokenize.workers, tokenize.gpus, tokenize.cpus
+    cfg.torch_threads = threads(tokenize, args.torch_threads)
+    try:
+        summary = run_pretokenize(cfg, meta=meta)
     except (JobInputError, InputError) as e:
         fail(str(e))
     except FileNotFoundError as e:

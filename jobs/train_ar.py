@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     check_required(args, "corpus", "storage_path", "name")
     loop = loop_config(args)
-    scaling, run = scaling_and_run(args)
 
     from flextok.ar import ar_preset
     from pipeline.corpus import corpus_files
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         fail(str(e))
+    scaling, run = scaling_and_run(args)  # starts or joins Ray: after every check of the arguments
     dataset = corpus_for_training(args.corpus, k)
     print(
         f"training AR '{args.preset}' on {args.corpus} (k={k}, tokenizer {meta.tokenizer}) for {loop.steps} steps "

@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     check_required(args, "input", "storage_path", "name")
     cfg = model_config(args)
     loop = loop_config(args)
-    scaling, run = scaling_and_run(args)
 
     from pipeline.repa import TeacherSpec
     from pipeline.sources import InputError, image_dataset
@@ -128,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_weights=args.vae_weights,
         init=args.init,
     )
+    scaling, run = scaling_and_run(args)  # starts or joins Ray: after every check of the arguments
     try:
         images = image_dataset(list(args.input), resolution=cfg.image_size, labels=args.labels)
     except InputError as e:

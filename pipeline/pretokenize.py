@@ -304,9 +304,11 @@ def run_pretokenize(
     log: Callable[[str], None] = print,
     on_commit: Callable[[str, dict], None] | None = None,
     actor_cls: type = TokenizeActor,
+    meta: CorpusMeta | None = None,
 ) -> Summary:
     """Run (or resume) the job; returns what this run did. `on_commit(unit, marker)` is called after each
-    shard is committed; `actor_cls` replaces the tokenizer actor (e.g. for fault-injection tests)."""
+    shard is committed; `actor_cls` replaces the tokenizer actor (e.g. for fault-injection tests); `meta`:
+    `tokenizer_meta(cfg)` when the caller already has it."""
     import ray
 
     t0 = time.perf_counter()
@@ -314,7 +316,7 @@ def run_pretokenize(
         raise JobInputError("no --input given")
     if cfg.rows_per_file < 1 or cfg.batch_size < 1 or cfg.folder_chunk < 1:
         raise JobInputError("--rows-per-file, --batch-size and --folder-chunk must be positive")
-    meta = tokenizer_meta(cfg)
+    meta = meta or tokenizer_meta(cfg)
     shards = expand_inputs(cfg.inputs, cfg.labels, cfg.folder_chunk)
     units = {unit_name(s): s for s in shards}
     fs, root = output_fs(cfg.output)
