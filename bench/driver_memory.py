@@ -40,6 +40,13 @@ elif mode == "model":
     m = FlexTok.from_pretrained(model)
     out = {"digest": weights_digest(m.state_dict()), "num_registers": m.num_registers, "codebook": m.codebook_size}
 elif mode == "pretokenize":
+    import ray
+    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s start-up wait; the job joins this Ray
+        try:
+            ray.init(include_dashboard=False, configure_logging=False)
+            break
+        except Exception:
+            ray.shutdown()
     from jobs.common import run_main
     from jobs.pretokenize import main
     out = {"status": run_main(main, ["--model", model, "--input", sys.argv[3], "--output", sys.argv[4],
