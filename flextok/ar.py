@@ -44,6 +44,9 @@ class ARConfig:
     class_dropout_prob: float = 0.1  # train-time probability of the null class (for CFG)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    vocab_dim: int = 0  # 0: token embedding and output head of width `dim`; > 0: one shared (tied) token table
+    #                     [vocab_size, vocab_dim] with projections to and from `dim` (small models: 64000 x dim
+    #                     would dwarf the transformer)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +74,7 @@ def _mup(depth: int, **overrides: Any) -> ARConfig:
 
 AR_PRESETS = {
     "tiny": lambda **o: ARConfig(**{"dim": 64, "depth": 2, "head_dim": 16, "max_tokens": 32, **o}),
+    "small": lambda **o: ARConfig(**{"dim": 128, "depth": 4, "head_dim": 32, "max_tokens": 32, "vocab_dim": 16, **o}),
     "d10": lambda **o: _mup(10, **o),
     "d12": lambda **o: _mup(12, **o),
     "d16": lambda **o: _mup(16, **o),
@@ -179,10 +183,13 @@ class ARModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row: the null class
-        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        tied = cfg.vocab_dim > 0
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.vocab_dim if tied else cfg.dim)
+        self.tok_in = nn.Linear(cfg.vocab_dim, cfg.dim, bias=False) if tied else None  # table width -> dim
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # tied: dim -> table width, then logits against the same table; else one [V, dim] output matrix
+        self.head = nn.Linear(cfg.dim, cfg.vocab_dim if tied else cfg.vocab_size, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -206,7 +213,7 @@ class ARModel(nn.Module):
 
     def num_params(self, embeddings: bool = False) -> int:
         """Parameter count; without the token/class embeddings and the output head unless asked."""
-        skip = () if embeddings else ("tok_embed.", "class_embed.", "head.")
+        skip = () if embeddings else ("tok_embed.", "tok_in.", "class_embed.", "head.")
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(skip))
 
     # ------------------------------------------------------------------ forward
@@ -225,16 +232,28 @@ class ARModel(nn.Module):
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise ValueError(f"token ids must lie in 0..{V - 1}")
 
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T] -> [B, T, D]."""
+        x = self.tok_embed(tokens)  # [B, T, D] or, tied, [B, T, vocab_dim]
+        return self.tok_in(x) if self.tok_in is not None else x
+
     def embed(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """labels [B], tokens [B, T] -> [class | tokens] embeddings [B, 1+T, D]."""
-        return torch.cat([self.class_embed(labels)[:, None], self.tok_embed(tokens)], dim=1)
+        return torch.cat([self.class_embed(labels)[:, None], self.embed_tokens(tokens)], dim=1)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states [B, L, D] -> logits [B, L, V] (float32)."""
+        out = self.head(self.norm(h))  # [B, L, V] or, tied, [B, L, vocab_dim]
+        if self.tok_in is not None:
+            out = out @ self.tok_embed.weight.T  # [B, L, V]
+        return out.float()
 
     def transformer(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
         """Embeddings [B, L, D] at positions start..start+L-1 -> logits [B, L, V] (float32)."""
         cos, sin = rope_tables(start, x.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, caches[i] if caches is not None else None)
-        return self.head(self.norm(x)).float()
+        return self.logits(x)
 
     def forward(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """labels [B], tokens [B, T] (T < max_tokens) -> logits [B, 1+T, V]; position i predicts token i."""
@@ -299,7 +318,7 @@ class ARModel(nn.Module):
             if caches is None:
                 logits = self(labels, tokens)[:, -1]  # [B(x2), V]
             else:
-                x = self.class_embed(labels)[:, None] if i == 0 else self.tok_embed(tokens[:, -1:])
+                x = self.class_embed(labels)[:, None] if i == 0 else self.embed_tokens(tokens[:, -1:])
                 logits = self.transformer(x, start=i, caches=caches)[:, -1]
             if guided:
                 cond, uncond = logits.chunk(2)

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--k", type=int, help="train on the first k tokens of each sequence (default: all stored)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--preset", default="tiny", help="AR size: tiny | d10 | d12 | d16 | d20 | d24 | d30")
+    model.add_argument("--preset", default="tiny", help="AR size: tiny | small | d10 | d12 | d16 | d20 | d24 | d30")
     model.add_argument("--num-classes", type=int, default=1000, help="class labels 0..N-1 (default 1000)")
     model.add_argument("--class-dropout-prob", type=float, default=0.1, help="label -> null class, for CFG (0.1)")
     add_training_args(p)

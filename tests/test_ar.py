@@ -158,3 +158,30 @@ def test_checkpoint_config_is_checked(tmp_path, edit, message):
 def test_config_from_dict_roundtrip():
     cfg = ar_preset("d12", num_classes=10)
     assert ARConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_tied_token_table_keeps_small_models_small():
+    """vocab_dim > 0: one [V, vocab_dim] table serves input and output, so a 64000-code vocabulary costs
+    V x vocab_dim weights instead of 2 x V x dim."""
+    tied, untied = ARModel(ar_preset("small")), ARModel(ar_preset("small", vocab_dim=0))
+    assert tied.num_params() == untied.num_params()  # same transformer
+    vocab_weights = tied.num_params(embeddings=True) - tied.num_params()
+    assert vocab_weights < 64000 * 16 + 1001 * 128 + 2 * 16 * 128 + 1  # table, classes, two projections
+    assert untied.num_params(embeddings=True) - untied.num_params() > 2 * 64000 * 128
+    labels = torch.tensor([3, 7])
+    assert tied.eval()(labels, torch.randint(0, 64000, (2, 5))).shape == (2, 6, 64000)
+
+
+def test_tied_table_kv_cache_equals_no_cache_and_roundtrips(tmp_path):
+    torch.manual_seed(0)
+    model = ARModel(ar_preset("small")).eval()
+    labels = torch.tensor([0, 5])
+
+    def run(use_cache: bool) -> torch.Tensor:
+        return model.generate(labels, 12, 2.0, 1.0, None, None, torch.Generator().manual_seed(1), use_cache=use_cache)
+
+    assert torch.equal(run(True), run(False))
+    model.save_pretrained(tmp_path / "ar")
+    loaded = ARModel.from_pretrained(tmp_path / "ar")
+    assert loaded.cfg.vocab_dim == 16
+    torch.testing.assert_close(loaded(labels, run(True)[:, :-1]), model(labels, run(True)[:, :-1]))
