@@ -182,14 +182,15 @@ def threads(stage: Stage, torch_threads: int | None) -> int:
 
 # ------------------------------------------------------------------------------------------ Ray
 def init_ray(num_gpus: int | None = None, worker_logs: bool = True) -> None:
-    """Join the running Ray (ray job submit, tests, the demo) or start a local one. `num_gpus` declares the
-    GPUs of a local one (ignored when joining); `worker_logs=False` keeps actors' prints off the driver."""
+    """Join the running Ray (ray job submit, tests, the demo) or start a local one. `num_gpus` (the demo) starts
+    a new local instance with exactly that many GPUs, unless RAY_ADDRESS names a cluster to join;
+    `worker_logs=False` keeps actors' prints off the driver."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     if ray.is_initialized():
         return
-    local = {} if num_gpus is None or os.environ.get("RAY_ADDRESS") else {"num_gpus": num_gpus}
+    local = {} if num_gpus is None or os.environ.get("RAY_ADDRESS") else {"address": "local", "num_gpus": num_gpus}
     ray.init(include_dashboard=False, log_to_driver=worker_logs, configure_logging=False, **local)
 
 

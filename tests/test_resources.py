@@ -160,11 +160,11 @@ FAKE_GPU_RAY = textwrap.dedent(
     from jobs.common import add_config_flag, worker_error_line
     from jobs.resources import Stage, cluster_now
 
-    def fits_at_once(stages):  # every worker of every stage placed at the same time
+    def fits_at_once(stages, timeout=30):  # every worker of every stage placed at the same time
         bundles = [{"CPU": s.cpus, "GPU": s.gpus} for s in stages for _ in range(s.workers)]
         bundles = [{k: v for k, v in b.items() if v} for b in bundles]
         pg = placement_group(bundles)
-        ok = pg.wait(timeout_seconds=20)
+        ok = pg.wait(timeout_seconds=timeout)
         remove_placement_group(pg)
         return ok
 
@@ -178,7 +178,7 @@ FAKE_GPU_RAY = textwrap.dedent(
             plan = job.resource_plan(parser.parse_args(step.argv), cluster)
             out[step.name] = {"gpus": plan.gpus, "placed": fits_at_once(plan.stages)}
     old = [Stage("decode", 1, 1.0, 1.0), Stage("inception", 1, 1.0, 1.0)]  # the old sweep plan on 1 GPU
-    out["old sweep plan"] = {"gpus": 2.0, "placed": fits_at_once(old)}
+    out["old sweep plan"] = {"gpus": 2.0, "placed": fits_at_once(old, timeout=5)}
 
     from pipeline.features import InceptionStage
     from pipeline.pretokenize import TokenizeActor
