@@ -8,7 +8,7 @@
 
 Unset flags are filled in from the cluster (`Cluster`, read once by `cluster_now()`), so that the stages that
 run at the same time fit it: GPUs go one worker per GPU; in a sweep each GPU is split between its decoder
-worker (0.75) and the Inception stage (0.25 for one Inception worker), so `--gpus N` never needs N + 1. Flags
+worker (0.75) and an Inception worker's 0.25, so N GPUs are never asked for N + 1 (the demo's `--gpus N`). Flags
 given on the command line are kept as they are; a plan they make that does not fit the cluster as it is now
 gets a warning (an autoscaling cluster may still grow to it) instead of a silent wait.
 Everything here but `cluster_now` and `init_ray` is a pure function of flags and cluster size.
@@ -21,8 +21,10 @@ import math
 import os
 from dataclasses import dataclass
 
-# The sweeps' split of one GPU: the decoder does ~1000x the FLOPs of Inception per image, so a quarter of a
-# device (Ray shares it by fraction; both processes see the same GPU) keeps Inception from being the bottleneck.
+# The sweeps' split of one GPU. By our estimate the decoder costs about 1000x Inception's FLOPs per image
+# (`--timesteps` x 2 CFG passes of a ~0.5-1B transformer vs one ~6 GFLOP Inception forward), so a quarter of a
+# device (Ray shares it by fraction; both processes see the same GPU) is plenty for Inception. Not yet timed
+# on a GPU.
 DECODER_GPU_SHARE = 0.75
 INCEPTION_GPU_SHARE = 1.0 - DECODER_GPU_SHARE
 MIN_AUTO_CPUS = 0.25  # the smallest CPU share an actor gets when the cluster is too small for whole CPUs
