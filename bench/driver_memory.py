@@ -90,9 +90,15 @@ def main() -> int:
         size_mb = (work / "model" / "model.safetensors").stat().st_size / 2**20
         print(f"checkpoint: {args.preset}, {params / 1e6:.0f} M parameters, model.safetensors {size_mb:.0f} MiB")
 
-        rows = [("python + torch + flextok imports", measure("imports", str(work / "model")))]
-        rows.append(("metadata + digest from the files (now)", measure("files", str(work / "model"))))
-        rows.append(("metadata + digest by building the model (before)", measure("model", str(work / "model"))))
+        print(f"{'driver step':52s} {'peak RSS (MiB)':>15s} {'wall (s)':>9s}", flush=True)
+        rows = []
+        for name, mode in (
+            ("python + torch + flextok imports", "imports"),
+            ("metadata + digest from the files (now)", "files"),
+            ("metadata + digest by building the model (before)", "model"),
+        ):
+            rows.append((name, measure(mode, str(work / "model"))))
+            print(f"{name:52s} {rows[-1][1]['peak_mb']:15.0f} {rows[-1][1]['seconds']:9.1f}", flush=True)
         if args.pretokenize:
             images = work / "images"
             images.mkdir()
@@ -105,8 +111,8 @@ def main() -> int:
                 )
             )
 
-    print(f"{'driver step':52s} {'peak RSS (MiB)':>15s} {'wall (s)':>9s}")
-    for name, r in rows:
+    if args.pretokenize:
+        name, r = rows[-1]
         print(f"{name:52s} {r['peak_mb']:15.0f} {r['seconds']:9.1f}")
     files, built = rows[1][1], rows[2][1]
     same = files["digest"] == built["digest"]
