@@ -113,7 +113,10 @@ def main() -> int:
 
     if args.pretokenize:
         name, r = rows[-1]
-        print(f"{name:52s} {r['peak_mb']:15.0f} {r['seconds']:9.1f}")
+        print(f"{name:52s} {r['peak_mb']:15.0f} {r['seconds']:9.1f}   (job exit status {r['status']})")
+        if r["status"] != 0:
+            print("FAIL: the pretokenize job failed")
+            return 1
     files, built = rows[1][1], rows[2][1]
     same = files["digest"] == built["digest"]
     print(f"digest from files == digest of the built model: {same} ({files['digest'][:16]}...)")
