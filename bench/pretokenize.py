@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from flextok import FlexTok, preset  # noqa: E402
 from flextok.config import tiny  # noqa: E402
-from pipeline.corpus import SCHEMA, commit_unit, output_fs, read_markers, tokens_table, write_summary  # noqa: E402
+from pipeline.corpus import SCHEMA, output_fs, read_markers, tokens_table, write_table_corpus  # noqa: E402
 from pipeline.preprocess import center_crop_adm, decode_image, to_model_input  # noqa: E402
 from pipeline.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize, tokenizer_meta  # noqa: E402
 
@@ -129,14 +129,10 @@ def size_table(work: Path, threads: int) -> list[tuple[str, float]]:
     # The same rows with uniform tokens, committed the way the job commits them.
     rng = np.random.default_rng(0)
     uniform = work / "uniform"
-    fs, root = output_fs(str(uniform))
-    meta = tokenizer_meta(cfg)
-    marker = read_markers(*output_fs(str(out))).popitem()[1]
-    columns = {name: table.column(name).to_pylist() for name in ("key", "label", "source", "aug")}
-    random_tokens = rng.integers(0, 64000, size=tokens.shape)
-    random_table = tokens_table(columns["key"], columns["label"], random_tokens, columns["source"], columns["aug"])
-    commit_unit(fs, root, marker["unit"], random_table, meta, cfg.rows_per_file, marker)
-    write_summary(fs, root, read_markers(fs, root), meta)
+    unit = read_markers(*output_fs(str(out))).popitem()[0]
+    columns = [table.column(name) for name in ("key", "label", "source", "aug")]
+    random_table = tokens_table(*columns[:2], rng.integers(0, 64000, size=tokens.shape), *columns[2:])
+    write_table_corpus(str(uniform), {unit: random_table}, tokenizer_meta(cfg), cfg.rows_per_file)
     return [
         (f"Parquet corpus, real tokens ({tokens.shape[0]} rows x 256)", real),
         (f"Parquet corpus, uniform-random tokens ({tokens.shape[0]} rows x 256)", folder_bytes(uniform) / tokens.size),

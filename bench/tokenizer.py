@@ -3,18 +3,36 @@ time, for the `tiny` and `d12_d12` presets at 256x256 (random weights: speed doe
 
     .venv/bin/python bench/tokenizer.py                       # CPU, float32
     .venv/bin/python bench/tokenizer.py --device cuda --bf16  # GPU, bf16 autocast
+    .venv/bin/python bench/tokenizer.py --malloc-compare 3    # glibc malloc: default vs pipeline.malloc
+
+--malloc-compare N: the same saved weights and inputs, tokenized and detokenized (batch --batch-size) in
+fresh child processes, N with glibc's default malloc and N with pipeline.malloc's MALLOC_* variables (set at
+the child's start, as Ray's workers get them), alternating so that load on the machine hits both alike.
+Each child reports the best of --repeats timed calls after a warm-up, its minor page faults during the timed
+calls, and its peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from statistics import median
 
 import torch
 
-from flextok import FlexTok, preset
-from flextok.config import tiny
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flextok import FlexTok, preset  # noqa: E402
+from flextok.config import tiny  # noqa: E402
+from pipeline.malloc import ENV_VARS  # noqa: E402
 
 
 def build(name: str, device: str) -> FlexTok:
@@ -73,6 +91,70 @@ def bench_model(name: str, args: argparse.Namespace) -> list[tuple[str, str, flo
     return rows
 
 
+def timed_child(model_dir: str, args: argparse.Namespace) -> dict:
+    """In a child process: best tokenize/detokenize seconds, minor page faults while timed, peak RSS."""
+    torch.manual_seed(0)
+    model = FlexTok.from_pretrained(model_dir).eval()
+    images = torch.rand(args.batch_size, 3, 256, 256) * 2 - 1
+    noise = model.draw_noise(args.batch_size, torch.Generator().manual_seed(0))
+    out: dict = {}
+    with torch.no_grad():
+        tokens = model.tokenize(images)
+        k = min(args.k, model.num_registers)
+        calls = {
+            "tokenize": lambda: model.tokenize(images),
+            "detokenize": lambda: model.detokenize(
+                tokens[:, :k], timesteps=args.timesteps, guidance_scale=args.guidance, apg=True, noise=noise
+            ),
+        }
+        for op, fn in calls.items():
+            fn()  # warm-up
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            best = float("inf")
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            out[op] = best
+            out[op + "_faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.repeats
+    out["tokens_sha"] = hash(tuple(tokens.flatten().tolist()))
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def malloc_compare(args: argparse.Namespace) -> None:
+    """Alternate child processes with and without pipeline.malloc's variables on the same weights."""
+    name = args.presets.split(",")[-1]
+    base_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    results: dict[str, list[dict]] = {"default": [], "tuned": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        build(name, "cpu").save_pretrained(tmp)
+        child = [sys.executable, __file__, "--child", tmp, "--batch-size", str(args.batch_size)]
+        child += ["--timesteps", str(args.timesteps), "--guidance", str(args.guidance), "--k", str(args.k)]
+        child += ["--repeats", str(args.repeats)]
+        for i in range(args.malloc_compare):
+            for mode in ("default", "tuned") if i % 2 == 0 else ("tuned", "default"):
+                env = base_env | (ENV_VARS if mode == "tuned" else {})
+                line = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout
+                results[mode].append(json.loads(line.strip().splitlines()[-1]))
+                r = results[mode][-1]
+                print(f"  {mode:8s} tokenize {r['tokenize']:.3f} s  detokenize {r['detokenize']:.3f} s", flush=True)
+    d, t = results["default"], results["tuned"]
+    same = {r["tokens_sha"] for r in d + t}
+    print(f"\n{name}, batch {args.batch_size}, {args.timesteps} steps, APG, k={args.k}, {len(d)} children each")
+    print(f"load average before/after: {args.load0} / {os.getloadavg()}; same tokens in all children: {len(same) == 1}")
+    print("| | default malloc | pipeline.malloc | speed-up (median) |")
+    print("|---|---:|---:|---:|")
+    for op in ("tokenize", "detokenize"):
+        a, b = median(r[op] for r in d), median(r[op] for r in t)
+        print(f"| {op} s (best of {args.repeats}, median of children) | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+        fa, fb = median(r[op + "_faults"] for r in d), median(r[op + "_faults"] for r in t)
+        print(f"| {op} minor page faults per call | {fa:.0f} | {fb:.0f} | |")
+    ra, rb = median(r["peak_rss_mib"] for r in d), median(r["peak_rss_mib"] for r in t)
+    print(f"| peak RSS MiB | {ra:.0f} | {rb:.0f} | +{rb - ra:.0f} MiB |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="tiny,d12_d12")
@@ -83,7 +165,16 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="with APG: two decoder passes per step")
     parser.add_argument("--k", type=int, default=256, help="tokens kept for detokenize")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--malloc-compare", type=int, default=0, help="N child processes per malloc setting")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(timed_child(args.child, args)))
+        return
+    if args.malloc_compare:
+        args.load0 = os.getloadavg()
+        malloc_compare(args)
+        return
     torch.manual_seed(0)
     print(
         f"device={args.device} bf16={args.bf16} batch={args.batch_size} timesteps={args.timesteps} "

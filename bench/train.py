@@ -9,6 +9,11 @@ AR training consumes.
 
     python bench/train.py                        # AR, 2 workers, 40 steps
     python bench/train.py --task tokenizer --steps 30
+    python bench/train.py --rows 256 --steps 40 --compare-unmaterialized   # a small corpus: many epochs
+
+Both loops run the same `pipeline.train_loop.train_step` (objective, AdamW, schedule, clipping, EMA) and the
+same malloc settings (pipeline.malloc). The Ray Train figure is the run's own steps/s over its metric windows
+(data waits included); its compute fraction is the time spent inside train_step.
 """
 
 from __future__ import annotations
@@ -25,45 +30,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.train_common import LoopConfig, lr_at, make_optimizer, read_metrics  # noqa: E402
+from pipeline.train_common import LoopConfig, make_optimizer, read_metrics  # noqa: E402
 
 
 def write_corpus(folder: str, rows: int, k: int, seed: int = 0) -> None:
     """A synthetic corpus: Zipf-distributed tokens (a few thousand distinct ids), random labels."""
-    from pipeline.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
+    from pipeline.corpus import CorpusMeta, tokens_table, write_table_corpus
 
     rng = np.random.default_rng(seed)
     tokens = np.minimum(rng.zipf(1.3, size=(rows, k)) - 1, 63999)
     labels = rng.integers(0, 1000, rows).tolist()
     meta = CorpusMeta("bench", "0" * 64, 64000, k, k, 32, "none", "synthetic")
     table = tokens_table([f"{i:06d}" for i in range(rows)], labels, tokens, ["bench"] * rows, [0] * rows)
-    fs, root = output_fs(folder)
-    marker = {"url": "bench", "kind": "folder", "index": 0, "read": rows, "failed": 0, "errors": []}
-    write_summary(fs, root, {"bench": commit_unit(fs, root, "bench", table, meta, rows, marker)}, meta)
+    write_table_corpus(folder, {"bench": table}, meta, rows_per_file=rows)
 
 
 def plain_loop(task, batches: list[dict], cfg: LoopConfig, warmup: int) -> float:
-    """Steps/s of a single-process loop (same objective, optimizer, schedule, EMA-free) after `warmup` steps."""
+    """Steps/s of a single-process loop after `warmup` steps: the same `train_step` (objective, AdamW,
+    schedule, clipping, EMA) as the Ray Train workers, on batches held in memory."""
+    from pipeline.train_common import EMA
+    from pipeline.train_loop import MODEL_PREFIX, train_step
+
     torch.manual_seed(cfg.seed)
     model = task.build()
     optimizer = make_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(0)
+    ema = EMA(model, cfg.ema_decay, prefix=MODEL_PREFIX)
     start = None
     for step in range(cfg.steps):
         if step == warmup:
             start = time.perf_counter()
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        batch = batches[step % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        model(**task.inputs(batch, torch.device("cpu"), generator), generator=generator)["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        train_step(model, optimizer, ema, task, [batches[step % len(batches)]], step, 0, torch.device("cpu"), cfg)
     return (cfg.steps - warmup) / (time.perf_counter() - start)
 
 
-def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: str) -> tuple[float, float]:
-    """(steady steps/s from the run's metrics, skipping the first window; wall seconds including start-up)."""
+def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: str) -> tuple[float, float, float]:
+    """(steady steps/s and compute fraction from the run's metrics, skipping the first window; wall seconds
+    including start-up)."""
     from pipeline.train_loop import Run, Scaling, run_training
 
     start = time.perf_counter()
@@ -72,13 +74,14 @@ def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: s
         cfg,
         dataset,
         Scaling(workers, cpus_per_worker=min(1.0, (os.cpu_count() or 2) / (2 * workers))),
-        Run(storage, "bench", max_failures=0),
+        Run(os.path.join(storage, "bench"), max_failures=0),
     )
     wall = time.perf_counter() - start
     if result.error:
         raise result.error
     windows = read_metrics(os.path.join(storage, "bench", "tensorboard"))[1:]
-    return float(np.mean([w["steps_per_s"] for w in windows])), wall
+    steps_per_s = float(np.mean([w["steps_per_s"] for w in windows]))
+    return steps_per_s, float(np.mean([w["compute_fraction"] for w in windows])), wall
 
 
 def loader_tokens_per_s(corpus: str, batch: int, null_class: int, k: int, passes: int) -> tuple[float, float]:
@@ -88,7 +91,7 @@ def loader_tokens_per_s(corpus: str, batch: int, null_class: int, k: int, passes
     from pipeline.corpus import CorpusDataset
     from pipeline.train_ar import TokenCollate, corpus_for_training
 
-    ds = corpus_for_training(corpus).materialize()
+    ds = corpus_for_training(corpus, materialize_bytes=2**40)
     n = 0
     start = time.perf_counter()
     for _ in range(passes):
@@ -111,15 +114,31 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rows", type=int, default=2048, help="AR corpus rows / tokenizer images")
+    p.add_argument(
+        "--materialize-bytes", type=int, help="AR: corpus_for_training's threshold (default: the job's; 0: never)"
+    )
+    p.add_argument("--compare-unmaterialized", action="store_true", help="AR: also train on the lazy corpus")
+    p.add_argument("--ema-decay", type=float, default=LoopConfig.ema_decay, help="EMA decay, both loops")
     args = p.parse_args()
+    from pipeline.malloc import runtime_env, tune_this_process
+
+    tune_this_process()  # the plain loop runs here; the Ray workers get the same malloc through runtime_env
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from bench.scale import init_ray
+
+    init_ray(runtime_env(), num_cpus=os.cpu_count() or 1)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = LoopConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=1e-3, log_every=5, checkpoint_every=10**9, shuffle_buffer=0
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        log_every=5,
+        checkpoint_every=10**9,
+        shuffle_buffer=0,
+        ema_decay=args.ema_decay,
     )
     with tempfile.TemporaryDirectory() as tmp:
         if args.task == "ar":
@@ -129,7 +148,8 @@ def main() -> None:
             k = 32
             write_corpus(f"{tmp}/corpus", args.rows, k)
             task = ARTask(model=ar_preset("tiny", max_tokens=k).to_dict())
-            dataset = corpus_for_training(f"{tmp}/corpus").materialize()
+            threshold = {} if args.materialize_bytes is None else {"materialize_bytes": args.materialize_bytes}
+            dataset = corpus_for_training(f"{tmp}/corpus", **threshold)  # as the job builds it
             collate = TokenCollate(1000, k)
             batches = [collate(b) for b in dataset.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")]
         else:
@@ -146,17 +166,33 @@ def main() -> None:
             ]
 
         torch.set_num_threads(os.cpu_count() or 1)
-        plain = plain_loop(task, batches, cfg, args.warmup)
-        trainer, wall = trainer_steps_per_s(task, cfg, dataset, args.workers, f"{tmp}/runs")
+        plain_before = plain_loop(task, batches, cfg, args.warmup)
+        trainer, compute, wall = trainer_steps_per_s(task, cfg, dataset, args.workers, f"{tmp}/runs")
+        if args.task == "ar" and args.compare_unmaterialized:  # the job before corpus_for_training materialized
+            lazy = corpus_for_training(f"{tmp}/corpus", materialize_bytes=0)
+            lazy_rate, lazy_compute, _ = trainer_steps_per_s(task, cfg, lazy, args.workers, f"{tmp}/runs-lazy")
+        torch.set_num_threads(os.cpu_count() or 1)
+        plain_after = plain_loop(task, batches, cfg, args.warmup)  # again: other load on the machine drifts
+        plain = (plain_before + plain_after) / 2
         unit = "tokens" if args.task == "ar" else "images"
         per_step = args.batch_size * (k if args.task == "ar" else 1)
         print(f"task {args.task}, global batch {args.batch_size}, {args.steps} steps, {os.cpu_count()} CPUs")
-        print(f"  plain single-process loop      {plain:8.2f} steps/s  ({plain * per_step:9.0f} {unit}/s)")
+        print(
+            f"  plain single-process loop      {plain:8.2f} steps/s  ({plain * per_step:9.0f} {unit}/s; mean of "
+            f"{plain_before:.2f} before and {plain_after:.2f} after the trainer)"
+        )
         print(
             f"  TorchTrainer, {args.workers} workers (DDP)  {trainer:8.2f} steps/s  ({trainer * per_step:9.0f} "
             f"{unit}/s; {wall:.0f} s wall incl. start-up)"
         )
         print(f"  ratio TorchTrainer / plain     {trainer / plain:8.2f}")
+        print(f"  TorchTrainer compute fraction  {compute:8.2f}  (time in train_step; the rest waits for data)")
+        if args.task == "ar" and args.compare_unmaterialized:
+            print(
+                f"  same, corpus not materialized  {lazy_rate:8.2f} steps/s  (ratio {lazy_rate / plain:.2f}, compute "
+                f"fraction {lazy_compute:.2f}: every epoch a new Parquet read)"
+            )
+        print(f"  load average {os.getloadavg()}")
         if args.task == "ar":
             ray_rate, torch_rate = loader_tokens_per_s(f"{tmp}/corpus", args.batch_size, 1000, k, passes=3)
             consumed = trainer * per_step

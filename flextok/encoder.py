@@ -47,7 +47,13 @@ class Encoder(nn.Module):
         self.registers = nn.Parameter(torch.zeros(cfg.num_registers, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.to_latents = nn.Linear(cfg.dim, code_dim)
-        mask = register_causal_mask(self.num_patches, cfg.num_registers)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The attention mask (not saved in checkpoints; recomputed after `to_empty`)."""
+        device = None if getattr(self, "attn_mask", None) is None else self.attn_mask.device
+        mask = register_causal_mask(self.num_patches, self.cfg.num_registers)
+        mask = mask if device is None else mask.to(device)
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def forward(self, latents: Tensor) -> Tensor:

@@ -20,12 +20,17 @@ class FSQ(nn.Module):
         self.levels = tuple(int(v) for v in levels)
         self.dim = len(self.levels)
         self.codebook_size = math.prod(self.levels)
+        self.eps = eps
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The level tables (not saved in checkpoints; recomputed after `to_empty`)."""
+        device = None if getattr(self, "_levels", None) is None else self._levels.device
         basis = [math.prod(self.levels[:i]) for i in range(self.dim)]
-        lv = torch.tensor(self.levels, dtype=torch.float32)
+        lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
         self.register_buffer("_levels", lv, persistent=False)
         self.register_buffer("_half_width", torch.floor(lv / 2), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
-        self.eps = eps
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64, device=device), persistent=False)
 
     def bound(self, z: Tensor) -> Tensor:
         half_l = (self._levels - 1) * (1 + self.eps) / 2

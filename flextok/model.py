@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import load_state_dict_strict, read_checkpoint, save_pretrained
 from .config import FlexTokConfig
 from .decoder import Decoder
 from .encoder import Encoder
@@ -68,14 +69,23 @@ class FlexTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, map_location: str | torch.device = "cpu") -> FlexTok:
-        """Load our format or the official one (config.json + model.safetensors), a folder or a hub id."""
-        from .checkpoint import load_pretrained
+        """Load our format or the official one (config.json + model.safetensors): a folder, an fsspec URL of
+        one (s3://...) or a hub id."""
+        cfg, tensors = read_checkpoint(path_or_hub_id, map_location)
+        with torch.device("meta"):
+            model = cls(cfg)  # no memory and no random init: every tensor comes from the checkpoint
+        model = model.to_empty(device=map_location)
+        model.init_buffers()
+        load_state_dict_strict(model, tensors)
+        return model.eval()
 
-        return load_pretrained(path_or_hub_id, map_location)
+    def init_buffers(self) -> None:
+        """Recompute the buffers checkpoints do not hold (attention mask, FSQ tables), e.g. after `to_empty`."""
+        self.encoder.init_buffers()
+        self.fsq.init_buffers()
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from .checkpoint import save_pretrained
-
+        """Our format: config.json + model.safetensors (flextok.checkpoint)."""
         save_pretrained(self, directory)
 
     @property

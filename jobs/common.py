@@ -85,14 +85,21 @@ def worker_error_line(error: BaseException) -> str | None:
 
 
 def run_main(main_fn, argv: list[str] | None = None) -> int:
-    """Call a job's body; turn JobError (and a worker's NoCudaError) into one line on stderr, exit status 2."""
+    """Call a job's body; turn JobError, the library's input errors (flextok.errors.UserInputError: bad
+    checkpoint, bad input, bad corpus) and a worker's NoCudaError into one line on stderr and exit status 2. The
+    process's malloc is tuned first (pipeline.malloc: every job process runs without mmap churn)."""
+    from pipeline.malloc import tune_this_process
+
+    tune_this_process()
     try:
         return int(main_fn(argv) or 0)
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        line = worker_error_line(e)
+        from flextok.errors import UserInputError  # imported here: it loads torch, which --help does not need
+
+        line = str(e) if isinstance(e, UserInputError) else worker_error_line(e)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

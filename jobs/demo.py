@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="image folder with labels.csv (default: the shared ImageNet sample)")
     p.add_argument("--model", help="a trained FlexTok (folder or hub id) to use instead of training the tiny one")
     p.add_argument("--resolution", type=int, default=32, help="image size of the tiny tokenizer (default 32)")
-    p.add_argument("--num-tokens", type=int, default=32, help="tokens per image of the tiny tokenizer (default 32)")
-    p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate, comma-separated")
+    p.add_argument(
+        "--num-registers", type=int, default=32, help="registers (tokens per image) of the tiny tokenizer (default 32)"
+    )
+    p.add_argument("--ks", default="1,2,4,8,16,32", help="token counts to evaluate: 1,2,4 (a YAML list in --config)")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps (default 1000)")
     p.add_argument("--ar-steps", type=int, default=60, help="AR training steps (default 60)")
     p.add_argument("--timesteps", type=int, default=10, help="decoder sampling steps (default 10)")
@@ -115,7 +117,8 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         *("--inception-workers", "1", "--inception-gpus", f"{INCEPTION_GPU_SHARE:g}"),
     ]
     gpu_eval = gpu_eval if args.gpus else cpu_threads
-    decode = ["--ks", args.ks, "--timesteps", str(args.timesteps), "--guidance-scale", str(args.guidance_scale)]
+    decode = ["--ks", ks_text(args.ks), "--timesteps", str(args.timesteps)]
+    decode += ["--guidance-scale", str(args.guidance_scale)]
     decode += ["--apg"] if args.apg else []
     steps = [
         Step(("shards",), "jobs.make_shards", [
@@ -123,9 +126,9 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         ]),
         Step(("train", "tokenizer"), "jobs.train_tokenizer", [
             "--config", shown(REPO / "configs" / "train_tokenizer_tiny.yaml"), "--input", shards,
-            "--image-size", str(args.resolution), "--num-registers", str(args.num_tokens),
+            "--image-size", str(args.resolution), "--num-registers", str(args.num_registers),
             "--steps", str(args.tokenizer_steps), "--seed", str(args.seed),
-            "--storage-path", shown(out.work / "runs"), "--name", "tokenizer", "--export", out.job("tokenizer"),
+            "--output", shown(out.work / "runs" / "tokenizer"), "--export", out.job("tokenizer"),
         ]),
         Step(("pretokenize",), "jobs.pretokenize", [
             "--model", model, "--input", shards, "--output", out.job("corpus"), "--batch-size", "64",
@@ -134,7 +137,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         Step(("train", "ar"), "jobs.train_ar", [
             "--config", shown(REPO / "configs" / "train_ar_tiny.yaml"), "--corpus", out.job("corpus"),
             "--steps", str(args.ar_steps), "--seed", str(args.seed),
-            "--storage-path", shown(out.work / "runs"), "--name", "ar", "--export", out.job("ar"),
+            "--output", shown(out.work / "runs" / "ar"), "--export", out.job("ar"),
         ]),
         Step(("eval", "sweep"), "jobs.eval_sweep", [
             "--model", model, "--input", shards, "--output", out.job("recon"), *decode, "--seed", str(args.seed),
@@ -148,6 +151,16 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         ]),
     ]  # fmt: skip
     return [s for s in steps if not (args.model and s.words == ("train", "tokenizer"))]
+
+
+def ks_text(value: str | list) -> str:
+    """--ks as the sweeps' command lines take it ("1,2,4"), from a flag or a YAML list."""
+    from pipeline.sweep import parse_ks
+
+    try:
+        return ",".join(str(k) for k in parse_ks(value))
+    except ValueError as e:
+        fail(f"--ks: {e}")
 
 
 def prepare_output(root: Path) -> None:
@@ -287,17 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     images = Path(args.images) if args.images else default_images()
     if not (images / "labels.csv").is_file():
         fail(f"no image folder with labels.csv at {images}: pass --images or set FLEXTOK_SHARED")
+    args.ks = ks_text(args.ks)  # "1,2,4" from here on: the sweeps' flag and the report's setting
     try:
         ks = [int(k) for k in args.ks.split(",")]
     except ValueError:
         fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8, got {args.ks!r}")
-    if not args.model and not all(1 <= k <= args.num_tokens for k in ks):
-        fail(f"--ks must lie in 1..{args.num_tokens} (--num-tokens), got {args.ks}")
+    if not args.model and not all(1 <= k <= args.num_registers for k in ks):
+        fail(f"--ks must lie in 1..{args.num_registers} (--num-registers), got {args.ks}")
     if args.gpus < 0:
         fail(f"--gpus must be >= 0, got {args.gpus}")
     for name in ("tokenizer_steps", "ar_steps", "timesteps", "eval_images", "num_samples"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model:
+        from flextok.checkpoint import read_config
+
+        read_config(args.model)  # a bad checkpoint is one error line here, before any step runs
     out = Layout(Path(args.output))
     prepare_output(out.root)
     steps = plan(args, images, out)

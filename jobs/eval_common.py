@@ -74,7 +74,7 @@ def inception_weights(args: argparse.Namespace) -> Path:
     try:
         return ensure_inception_weights()
     except (RuntimeError, ValueError) as e:
-        fail(f"Inception weights: {e}")
+        fail(f"Inception weights: {e} (or pass --inception-weights)")
 
 
 def progress(message: str) -> None:
@@ -89,35 +89,41 @@ def print_result(obj: dict) -> None:
 # ----------------------------------------------------------------------------------------------- sweeps
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """What the reconstruction and generation sweeps share."""
-    parser.add_argument("--ks", default="1,2,4,8,16,32,64,128,256", help="token counts, comma-separated")
+    parser.add_argument("--ks", default="1,2,4,8,16,32,64,128,256", help="token counts: 1,2,4 (or a YAML list)")
     parser.add_argument("--timesteps", type=int, default=25, help="decoder Euler steps")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="decoder CFG scale (release: 7.5)")
     parser.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference-stats", type=Path, help="reference statistics .npz (ours or ADM's)")
-    parser.add_argument("--output", type=Path, help="output folder (results.json, plots, partial/)")
+    parser.add_argument("--reference-stats", help="reference statistics .npz (ours or ADM's): path or URL")
+    parser.add_argument("--output", help="output folder or fsspec URL (results.json, plots, partial/)")
     parser.add_argument("--decode-batch", type=int, default=16, help="(image, k) jobs per decoder call")
     parser.add_argument("--chunk-images", type=int, default=256, help="images per saved partial chunk")
     parser.add_argument("--no-prc", dest="prc", action="store_false", help="skip precision/recall")
     parser.add_argument("--kid", action="store_true", help="also KID per k")
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument(
+        "--feature-subset",
+        type=int,
+        default=10_000,
+        help="images per k (a seeded subset when there are more) whose features feed precision/recall, KID and IS",
+    )
     parser.add_argument("--isc", action="store_true", help="require the Inception Score (fail without a classifier)")
     add_inception_args(parser, own_stage=True)
 
 
-def sweep_ks(text: str, num_registers: int) -> tuple[int, ...]:
+def sweep_ks(value: str | list, num_registers: int) -> tuple[int, ...]:
     from pipeline.sweep import check_ks, parse_ks
 
     try:
-        return check_ks(parse_ks(text), num_registers)
+        return check_ks(parse_ks(value), num_registers)
     except ValueError as e:
         fail(f"--ks: {e}")
 
 
 def check_sweep_args(args: argparse.Namespace) -> None:
-    if args.timesteps < 1 or args.decode_batch < 1 or args.chunk_images < 1:
-        fail("--timesteps, --decode-batch and --chunk-images must be >= 1")
+    if min(args.timesteps, args.decode_batch, args.chunk_images, args.feature_subset) < 1:
+        fail("--timesteps, --decode-batch, --chunk-images and --feature-subset must be >= 1")
 
 
 def local_or_hub(path: str) -> str:
@@ -169,9 +175,24 @@ def checked_reference(path: Path, identity: str, resolution: int):
 
 
 def metric_options(args: argparse.Namespace):
-    from pipeline.sweep import MetricOptions
+    from pipeline.report import MetricOptions
 
-    return MetricOptions(args.prc, args.kid, args.kid_subsets, args.kid_subset_size)
+    return MetricOptions(args.prc, args.kid, args.kid_subsets, args.kid_subset_size, args.feature_subset)
+
+
+def run_sweep(spec, rows) -> None:
+    """pipeline.sweep_run.run_sweep with its errors as one line each; prints the job's JSON result."""
+    from pipeline.sweep_results import ResumeMismatchError
+    from pipeline.sweep_run import NothingToScoreError
+    from pipeline.sweep_run import run_sweep as run
+
+    try:
+        outcome = run(spec, rows, progress)
+    except ResumeMismatchError as e:
+        fail(f"--output: {e}")
+    except NothingToScoreError as e:
+        fail(f"--input: {e}")
+    print_result({"files": outcome.files, "per_k": outcome.results["per_k"], "work": outcome.results["work"]})
 
 
 def versions() -> dict:

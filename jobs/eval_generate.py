@@ -13,7 +13,6 @@ k), partial/ (a rerun with the same settings resumes). The last line of standard
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from jobs.eval_common import (
     inception_setup,
     local_or_hub,
     metric_options,
-    print_result,
     progress,
+    run_sweep,
     sweep_ks,
     sweep_resources,
     versions,
@@ -78,12 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         fail("--num-samples must be >= 2 and --gen-batch >= 1")
     check_sweep_args(args)
     check_resource_args(args)
-    started = time.time()
 
     from pipeline import generate as G
-    from pipeline import report
     from pipeline import sweep as S
-    from pipeline.features import ordered_execution, with_inception_features
+    from pipeline.report import Report
+    from pipeline.sweep_run import SweepSpec, run_fingerprint
 
     # every check before any work
     # the actors load the models; the driver reads their files
@@ -96,64 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     weights, identity, has_classifier = inception_setup(args)
     reference = checked_reference(args.reference_stats, identity, R)
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
-    partial = S.PartialResults(
-        args.output / "partial",
-        S.run_fingerprint(
-            kind="generation",
-            ar_sha256=ar_sha256,
-            model_sha256=model_sha256,
-            num_samples=args.num_samples,
-            gen_batch=args.gen_batch,
-            ks=ks,
-            **asdict(sampling),
-            **asdict(settings),
-            inception=identity,
-            reference=[reference.source, reference.extractor, reference.n],
-            chunk_images=args.chunk_images,
-            grid_samples=args.grid_samples,
-        ),
-        ks,
-    )
-    try:
-        partial.open()
-    except S.ResumeMismatchError as e:
-        fail(str(e))
-
     init_ray(worker_logs=False)
     res, inception_res = sweep_resources(args, "eval_generate")
-    import ray
-
     grid_keys = [G.sample_key(i) for i in range(min(args.grid_samples, args.num_samples))]
-    with ordered_execution():
-        collector = S.Collector(partial, ks, args.chunk_images, lambda p: progress(f"[eval_generate] saved {p.name}"))
-        groups = [
-            g
-            for g in G.sample_groups(args.num_samples, args.gen_batch)
-            if any(G.sample_key(i) not in collector.done for i in range(g["start"], g["start"] + g["count"]))
-        ]
-        if collector.done:
-            progress(f"[eval_generate] resuming: {len(collector.done)} samples already in {partial.folder}")
-        if groups:
-            ds = ray.data.from_items(groups, override_num_blocks=len(groups))
-            stage = dict(
-                ar=local_or_hub(args.ar_model),
-                model=local_or_hub(args.model),
-                ks=ks,
-                sampling=asdict(sampling),
-                settings=asdict(settings),
-                num_classes=num_classes,
-                grid_keys=grid_keys,
-                device=res.device,
-                threads=res.threads,
-            )
-            ds = ds.map_batches(G.GenerateStage, fn_constructor_kwargs=stage, **res.map_kwargs())
-            ds = with_inception_features(ds, weights, inception_res)
-            progress(f"[eval_generate] {args.num_samples} samples x k={list(ks)}: {len(groups)} groups to generate")
-            collector.consume(ds)
 
-    gathered = S.gather(partial)
-    results = report.summarize(gathered, ks, reference, metric_options(args))
-    results["work"]["class_counts"] = class_counts(gathered.labels)
+    fingerprint = run_fingerprint(
+        kind="generation",
+        ar_sha256=ar_sha256,
+        model_sha256=model_sha256,
+        num_samples=args.num_samples,
+        gen_batch=args.gen_batch,
+        ks=ks,
+        **asdict(sampling),
+        **asdict(settings),
+        inception=identity,
+        reference=[reference.source, reference.extractor, reference.n],
+        chunk_images=args.chunk_images,
+        grid_samples=args.grid_samples,
+    )
     provenance = {
         "ar_model": {"path": str(args.ar_model), "sha256": ar_sha256, "num_classes": num_classes},
         "model": {"path": str(args.model), "sha256": model_sha256, "image_size": R},
@@ -169,37 +127,60 @@ def main(argv: list[str] | None = None) -> int:
             **asdict(settings),
             "gen_batch": args.gen_batch,
             "chunk_images": args.chunk_images,
+            "feature_subset": args.feature_subset,
         },
         "inception": {"identity": identity, "weights": str(weights), "classifier": has_classifier},
-        "reference": {
-            "source": reference.source,
-            "n": reference.n,
-            "extractor": reference.extractor,
-            "preprocessing": reference.preprocessing,
-        },
         "versions": versions(),
     }
-    run = {"wall_s": round(time.time() - started, 1), "images_this_run": collector.images_this_run}
     name = Path(str(args.ar_model).rstrip("/")).name
-    title = f"{name}: {len(gathered.keys)} samples per k, AR cfg {args.cfg_scale}, decoder {args.timesteps} steps"
-    files = report.write_outputs(
-        args.output, results, provenance, run, gathered, ks, grid_keys, "samples_grid.png", False, "gFID", title
+    spec = SweepSpec(
+        name="eval_generate",
+        output=str(args.output),
+        ks=ks,
+        fingerprint=fingerprint,
+        stage=G.GenerateStage,
+        stage_kwargs=dict(
+            ar=local_or_hub(args.ar_model),
+            model=local_or_hub(args.model),
+            ks=ks,
+            sampling=asdict(sampling),
+            settings=asdict(settings),
+            num_classes=num_classes,
+            grid_keys=grid_keys,
+            device=res.device,
+            threads=res.threads,
+        ),
+        model_resources=res,
+        inception_weights=str(weights),
+        inception_resources=inception_res,
+        chunk_images=args.chunk_images,
+        metrics=metric_options(args),
+        reference=reference,
+        report=Report(
+            provenance=provenance,
+            run={},
+            grid_keys=grid_keys,
+            grid_file="samples_grid.png",
+            with_original=False,
+            metric_name="gFID",
+            title=f"{name}: {{n}} samples per k, AR cfg {args.cfg_scale}, decoder {args.timesteps} steps",
+        ),
     )
-    print_result({"files": files, "per_k": results["per_k"], "work": results["work"]})
+
+    def rows(done: frozenset[str]):
+        """One row per group of --gen-batch samples with a sample not yet done; None when all are."""
+        import ray
+
+        groups = [
+            g
+            for g in G.sample_groups(args.num_samples, args.gen_batch)
+            if any(G.sample_key(i) not in done for i in range(g["start"], g["start"] + g["count"]))
+        ]
+        progress(f"[eval_generate] {args.num_samples} samples x k={list(ks)}: {len(groups)} groups to generate")
+        return ray.data.from_items(groups, override_num_blocks=len(groups)) if groups else None
+
+    run_sweep(spec, rows)
     return 0
-
-
-def class_counts(labels) -> dict:
-    """How balanced the samples are: the smallest and largest number of samples per class used."""
-    import numpy as np
-
-    counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
-    used = counts[counts > 0]
-    return {
-        "classes": int(len(used)),
-        "min": int(used.min()) if len(used) else 0,
-        "max": int(used.max()) if len(used) else 0,
-    }
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ line of standard output is a JSON summary.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,8 +29,7 @@ from jobs.eval_common import (
     inception_setup,
     local_or_hub,
     metric_options,
-    print_result,
-    progress,
+    run_sweep,
     sweep_ks,
     sweep_resources,
     versions,
@@ -62,8 +59,10 @@ def is_corpus(inputs: list[str]) -> bool:
     return fs.isdir(join(root, UNITS_DIR))
 
 
-def check_corpus(path: str, model_sha256: str, ks: tuple[int, ...], resolution: int) -> None:
+def check_corpus(path: str, model_sha256: str, ks: tuple[int, ...], resolution: int) -> str:
+    """The corpus's augment mode, once it is known to fit the model and the k's."""
     from pipeline.corpus import corpus_files
+    from pipeline.sweep import check_sweepable
 
     try:
         _, _, meta = corpus_files(path)
@@ -76,16 +75,23 @@ def check_corpus(path: str, model_sha256: str, ks: tuple[int, ...], resolution: 
         fail(f"--input {path} stores {meta.num_tokens} tokens per image; --ks asks for up to {max(ks)}")
     if meta.resolution != resolution:
         fail(f"--input {path} was tokenized at {meta.resolution}px; the model decodes {resolution}px")
+    try:
+        check_sweepable(meta.augment)
+    except ValueError as e:
+        fail(f"--input {path}: {e}")
+    return meta.augment
 
 
-def source_dataset(args: argparse.Namespace, corpus: bool, resolution: int):
+def source_dataset(args: argparse.Namespace, augment: str | None, resolution: int):
+    """The inputs as rows (images, or a corpus's un-augmented token rows when `augment` is its mode)."""
     from pipeline.sources import InputError, image_dataset
+    from pipeline.sweep import center_views
 
     try:
-        if corpus:
+        if augment is not None:
             from pipeline.corpus import read_corpus
 
-            ds = read_corpus(args.input[0])
+            ds = center_views(read_corpus(args.input[0]), augment)
         else:
             ds = image_dataset(args.input, resolution, labels=args.labels)
     except (InputError, OSError, ValueError) as e:
@@ -107,13 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         fail("--num-samples must be >= 1")
     check_sweep_args(args)
     check_resource_args(args)
-    started = time.time()
 
-    from pipeline import report
     from pipeline import sweep as S
-    from pipeline.features import ordered_execution, with_inception_features
-    from pipeline.fid import Reference, save_reference
+    from pipeline.features import ordered_execution
     from pipeline.preprocess import PREPROCESSING
+    from pipeline.report import Report
+    from pipeline.sweep_run import InPassReference, SweepSpec, run_fingerprint
 
     # every check before any work: model, k's, Inception, reference, input
     info, model_sha256 = flextok_info(args.model)  # the actors load the model; the driver reads its files
@@ -123,79 +128,39 @@ def main(argv: list[str] | None = None) -> int:
     preprocessing = f"{PREPROCESSING} @ {R}px, uint8"
     reference = checked_reference(args.reference_stats, identity, R) if args.reference_stats else None
     corpus = is_corpus(args.input)
-    if corpus:
-        check_corpus(args.input[0], model_sha256, ks, R)
-        if reference is None:
-            fail("a token corpus holds no images: give --reference-stats (e.g. from eval_fid --save-stats)")
-    real_features = reference is None
+    augment = check_corpus(args.input[0], model_sha256, ks, R) if corpus else None
+    if corpus and reference is None:
+        fail("a token corpus holds no images: give --reference-stats (e.g. from eval_fid --save-stats)")
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
-    groups = ((S.REAL,) if real_features else ()) + ks
-    partial = S.PartialResults(
-        args.output / "partial",
-        S.run_fingerprint(
-            kind="reconstruction",
-            model_sha256=model_sha256,
-            inputs=args.input,
-            input_kind="corpus" if corpus else "images",
-            labels=args.labels,
-            num_samples=args.num_samples,
-            ks=ks,
-            **asdict(settings),
-            batch_size=args.batch_size,
-            inception=identity,
-            reference=None if reference is None else [reference.source, reference.extractor, reference.n],
-            chunk_images=args.chunk_images,
-            grid_images=args.grid_images,
-        ),
-        groups,
-    )
     init_ray(worker_logs=False)
     res, inception_res = sweep_resources(args, "eval_sweep")
-    ds = source_dataset(args, corpus, R)  # an empty or missing input fails here, before anything is written
-    try:
-        partial.open()
-    except S.ResumeMismatchError as e:
-        fail(str(e))
-
+    ds = source_dataset(args, augment, R)  # an empty or missing input fails here, before anything is written
     with ordered_execution():
         grid_keys = [str(r["key"]) for r in ds.limit(args.grid_images).select_columns(["key"]).take_all()]
-        collector = S.Collector(partial, groups, args.chunk_images, lambda p: progress(f"[eval_sweep] saved {p.name}"))
-        if collector.done:
-            progress(f"[eval_sweep] resuming: {len(collector.done)} images already in {partial.folder}")
-            done = frozenset(collector.done)
-            ds = ds.filter(lambda row: row["key"] not in done)
-        stage = dict(
-            model=local_or_hub(args.model),
-            ks=ks,
-            settings=asdict(settings),
-            grid_keys=grid_keys,
-            real_features=real_features,
-            device=res.device,
-            threads=res.threads,
-        )
-        ds = ds.map_batches(S.ReconstructStage, fn_constructor_kwargs=stage, **res.map_kwargs())
-        ds = with_inception_features(ds, weights, inception_res)
-        progress(
-            f"[eval_sweep] k={list(ks)}: {res.workers} decoder actor(s), {inception_res.workers} Inception actor(s)"
-        )
-        collector.consume(ds)
 
-    gathered = S.gather(partial)
-    if not gathered.keys:
-        fail(f"no readable images in --input ({len(gathered.errors)} bad inputs)")
-    if reference is None:
-        kept = gathered.features[S.REAL] if args.prc or args.kid else None
-        reference = Reference.from_stats(gathered.stats[S.REAL], identity, preprocessing, " ".join(args.input), kept)
-        save_reference(args.output / "reference_stats.npz", reference)
-    results = report.summarize(gathered, ks, reference, metric_options(args))
+    fingerprint = run_fingerprint(
+        kind="reconstruction",
+        model_sha256=model_sha256,
+        inputs=args.input,
+        input_kind="corpus" if corpus else "images",
+        labels=args.labels,
+        num_samples=args.num_samples,
+        ks=ks,
+        **asdict(settings),
+        batch_size=args.batch_size,
+        inception=identity,
+        reference=None if reference is None else [reference.source, reference.extractor, reference.n],
+        chunk_images=args.chunk_images,
+        grid_images=args.grid_images,
+    )
     provenance = {
         "model": {"path": str(args.model), "sha256": model_sha256, "image_size": R, "num_registers": num_registers},
         "data": {
             "inputs": args.input,
             "kind": "corpus" if corpus else "images",
+            "augment_used": None if augment is None else "aug 0 (the un-augmented view) of each image",
             "labels": args.labels,
             "num_samples_requested": args.num_samples,
-            "keys_sha256": hashlib.sha256("\n".join(sorted(gathered.keys)).encode()).hexdigest(),
             "preprocessing": None if corpus else preprocessing,
         },
         "seeds": {
@@ -207,24 +172,44 @@ def main(argv: list[str] | None = None) -> int:
             **asdict(settings),
             "batch_size": res.batch_size,
             "chunk_images": args.chunk_images,
+            "feature_subset": args.feature_subset,
         },
         "inception": {"identity": identity, "weights": str(weights), "classifier": has_classifier},
-        "reference": {
-            "source": reference.source,
-            "n": reference.n,
-            "extractor": reference.extractor,
-            "preprocessing": reference.preprocessing,
-            "computed_in_this_pass": real_features,
-        },
         "versions": versions(),
     }
-    run = {"wall_s": round(time.time() - started, 1), "images_this_run": collector.images_this_run}
     name = Path(str(args.model).rstrip("/")).name
-    title = f"{name}: {len(gathered.keys)} images, {args.timesteps} steps, guidance {args.guidance_scale}"
-    files = report.write_outputs(
-        args.output, results, provenance, run, gathered, ks, grid_keys, "recon_grid.png", not corpus, "rFID", title
+    spec = SweepSpec(
+        name="eval_sweep",
+        output=str(args.output),
+        ks=ks,
+        fingerprint=fingerprint,
+        stage=S.ReconstructStage,
+        stage_kwargs=dict(
+            model=local_or_hub(args.model),
+            ks=ks,
+            settings=asdict(settings),
+            grid_keys=grid_keys,
+            real_features=reference is None,
+            device=res.device,
+            threads=res.threads,
+        ),
+        model_resources=res,
+        inception_weights=str(weights),
+        inception_resources=inception_res,
+        chunk_images=args.chunk_images,
+        metrics=metric_options(args),
+        reference=reference or InPassReference(identity, preprocessing, " ".join(args.input)),
+        report=Report(
+            provenance=provenance,
+            run={},
+            grid_keys=grid_keys,
+            grid_file="recon_grid.png",
+            with_original=not corpus,
+            metric_name="rFID",
+            title=f"{name}: {{n}} images, {args.timesteps} steps, guidance {args.guidance_scale}",
+        ),
     )
-    print_result({"files": files, "per_k": results["per_k"], "work": results["work"]})
+    run_sweep(spec, lambda done: ds.filter(lambda row: row["key"] not in done) if done else ds)
     return 0
 
 

@@ -4,15 +4,13 @@
 
 Each sample is `<key>.<ext>` with the original image bytes (`.jpeg` written as `.jpg`) and `<key>.cls` when it
 has a label. key = the path relative to the folder without its extension, with '.' replaced by '_' (webdataset
-splits a sample's key at the first dot). Shards are `<prefix>-000000.tar`, ...; each is written under a
-temporary name and renamed, and tar headers carry no time or owner, so reruns make identical files.
+splits a sample's key at the first dot). Shards are `<prefix>-000000.tar`, ...; each is written by webdataset's
+TarWriter under a temporary name and renamed; tar headers carry no time or owner, so reruns make identical files.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import tarfile
 
 from jobs.common import fail, parse_args, run_main
 
@@ -25,12 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     return p
-
-
-def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    return info, io.BytesIO(data)
 
 
 def sample_name(rel: str) -> tuple[str, str]:
@@ -46,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         fail("--input and --output are required")
     if args.shard_size < 1:
         fail(f"--shard-size must be positive, got {args.shard_size}")
+    from webdataset import TarWriter
+
     from pipeline.corpus import join, output_fs
     from pipeline.sources import InputError, expand_inputs
 
@@ -63,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         path = join(out_root, f"{args.prefix}-{i:06d}.tar")
         with (
             out_fs.open(path + ".tmp", "wb") as f,
-            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+            TarWriter(f, encoder=False, user="", group="", mode=0o644, mtime=0) as tar,
         ):
             for rel, label in zip(shard.files, shard.labels, strict=True):
                 key, ext = sample_name(rel)
-                tar.addfile(*_member(f"{key}.{ext}", in_fs.cat_file(join(in_root, rel))))
+                sample = {"__key__": key, ext: in_fs.cat_file(join(in_root, rel))}
                 if label is not None:
-                    tar.addfile(*_member(f"{key}.cls", str(label).encode()))
+                    sample["cls"] = str(label).encode()
+                tar.write(sample)
         out_fs.mv(path + ".tmp", path)
         samples += len(shard.files)
         print(f"[make_shards] {path}: {len(shard.files)} samples")

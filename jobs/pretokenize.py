@@ -1,7 +1,7 @@
 """Pretokenize images into a FlexTok token corpus (Parquet) on Ray Data; reruns resume.
 
     python jobs/pretokenize.py --model ckpt/ --input 'shards/train-*.tar' --output corpus/ --batch-size 64
-    python jobs/pretokenize.py --config configs/pretokenize.yaml --num-tokens 128
+    python jobs/pretokenize.py --config configs/pretokenize.yaml --num-tokens 16
 
 Inputs: webdataset .tar shards, .parquet files with image bytes, image folders (+ labels CSV); any fsspec URL.
 Output layout and columns: docs/pretokenize.md. Run `python jobs/validate_corpus.py OUTPUT` afterwards.
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels CSV for folder inputs (default: the folder's labels.csv)")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="max rows per data file (default 100000)")
     p.add_argument("--folder-chunk", type=int, default=1000, help="images per unit of work for folders (default 1000)")
+    p.add_argument(
+        "--adaptive",
+        help="psnr:TARGET (dB) | inception:TARGET (cosine distance): store each image's shortest prefix on the "
+        "ladder whose reconstruction meets the target (docs/adaptive.md)",
+    )
+    p.add_argument("--ladder", help="adaptive: the k's to choose from, e.g. 1,2,4,8 (default: powers of two)")
+    p.add_argument("--adaptive-timesteps", type=int, default=25, help="adaptive: decoder steps (default 25)")
+    p.add_argument("--adaptive-guidance-scale", type=float, default=1.0, help="adaptive: guidance (default 1)")
     add_worker_args(p, "tokenizer actors")
     return p
 
@@ -87,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         labels=args.labels,
         rows_per_file=args.rows_per_file,
         folder_chunk=args.folder_chunk,
+        adaptive=args.adaptive,
+        ladder=args.ladder,
+        adaptive_timesteps=args.adaptive_timesteps,
+        adaptive_guidance_scale=args.adaptive_guidance_scale,
     )
     try:
         meta = tokenizer_meta(cfg)  # the model's files checked before Ray starts
@@ -113,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{totals.get('written', '?')} rows from {totals.get('read', '?')} records, {totals.get('failed', '?')} "
         f"bad records in _errors.parquet ({summary.seconds:.1f} s) -> {args.output}"
     )
+    adaptive = summary.manifest.get("adaptive")
+    if adaptive:
+        print(
+            f"adaptive {args.adaptive}: mean {adaptive['mean_tokens']:.2f} tokens per row, k histogram "
+            f"{adaptive['k_histogram']}, {adaptive['missed']} missed the target"
+        )
     return 0
 
 

@@ -186,14 +186,22 @@ def threads(stage: Stage, torch_threads: int | None) -> int:
 def init_ray(num_gpus: int | None = None, worker_logs: bool = True) -> None:
     """Join the running Ray (ray job submit, tests, the demo) or start a local one. `num_gpus` (the demo) starts
     a new local instance with exactly that many GPUs, unless RAY_ADDRESS names a cluster to join;
-    `worker_logs=False` keeps actors' prints off the driver."""
+    `worker_logs=False` keeps actors' prints off the driver. Ray's processes get pipeline.malloc's runtime_env."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+
+    from pipeline.malloc import runtime_env
 
     if ray.is_initialized():
         return
     local = {} if num_gpus is None or os.environ.get("RAY_ADDRESS") else {"address": "local", "num_gpus": num_gpus}
-    ray.init(include_dashboard=False, log_to_driver=worker_logs, configure_logging=False, **local)
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=worker_logs,
+        configure_logging=False,
+        runtime_env=runtime_env(),
+        **local,
+    )
 
 
 def cluster_now() -> Cluster:

@@ -1,11 +1,11 @@
 """Train the class-conditional AR model on a FlexTok token corpus on Ray Train; the Parquet corpus is
 streamed to the workers through Ray Data.
 
-    python jobs/train_ar.py --config configs/train_ar_tiny.yaml --corpus corpus/
-    python jobs/train_ar.py --config configs/train_ar_d30.yaml --corpus s3://bucket/corpus --workers 32
+    python jobs/train_ar.py --config configs/train_ar_tiny.yaml --corpus corpus/ --output runs/ar-tiny
+    python jobs/train_ar.py --config configs/train_ar_d30.yaml --corpus s3://bucket/corpus --output s3://bucket/runs/ar
     (run the same command again to resume a stopped or failed run from its latest checkpoint)
 
-Checkpoints: STORAGE/NAME/checkpoint_<step>/{model,ema} load with `flextok.ar.ARModel.from_pretrained`.
+Checkpoints: OUTPUT/checkpoint_<step>/{model,ema} load with `flextok.ar.ARModel.from_pretrained`.
 Details: docs/training.md.
 """
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    check_required(args, "corpus", "storage_path", "name")
+    check_required(args, "corpus", "output")
     loop = loop_config(args)
 
     from flextok.ar import ar_preset
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = corpus_for_training(args.corpus, k)
     print(
         f"training AR '{args.preset}' on {args.corpus} (k={k}, tokenizer {meta.tokenizer}) for {loop.steps} steps "
-        f"on {scaling.workers} worker(s) -> {args.storage_path}/{args.name}",
+        f"on {scaling.workers} worker(s) -> {args.output}",
         flush=True,
     )
     result = run_training(ARTask(model=cfg.to_dict()), loop, dataset, scaling, run)

@@ -1,11 +1,12 @@
 """Train a FlexTok tokenizer on Ray Train (DDP or FSDP workers), images streamed through Ray Data.
 
     python jobs/train_tokenizer.py --config configs/train_tokenizer_tiny.yaml
-    python jobs/train_tokenizer.py --config configs/train_tokenizer_d18_d28.yaml --workers 64 --name tok-a
+    python jobs/train_tokenizer.py --config configs/train_tokenizer_d18_d28.yaml --workers 64 \\
+        --output s3://bucket/runs/tok-a
     (run the same command again to resume a stopped or failed run from its latest checkpoint)
 
 Inputs are read exactly as the pretokenize job reads them (pipeline.sources: .tar shards, .parquet,
-image folders; ADM center crop). Checkpoints: STORAGE/NAME/checkpoint_<step>/{model,ema} load with
+image folders; ADM center crop). Checkpoints: OUTPUT/checkpoint_<step>/{model,ema} load with
 `FlexTok.from_pretrained`. Details: docs/training.md.
 """
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     repa.add_argument("--repa-layer", type=int, help="decoder block whose output is aligned (preset's)")
     repa.add_argument("--repa-teacher", choices=["random-conv", "dinov2"], default="random-conv", help="teacher")
     repa.add_argument("--repa-teacher-dim", type=int, default=64, help="random-conv: feature width (64)")
-    repa.add_argument("--repa-teacher-repo", help="dinov2: local torch.hub checkout (hubconf.py)")
+    repa.add_argument("--repa-teacher-repo", help="dinov2: local torch.hub checkout; RUNS its hubconf.py: trust it")
     repa.add_argument("--repa-teacher-weights", help="dinov2: local weights file")
     repa.add_argument("--repa-teacher-model", default="dinov2_vitl14", help="dinov2: hub entry point")
     add_training_args(p)
@@ -100,7 +101,7 @@ def model_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    check_required(args, "input", "storage_path", "name")
+    check_required(args, "input", "output")
     cfg = model_config(args)
     loop = loop_config(args)
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"training tokenizer '{args.preset}' ({cfg.image_size}px, {cfg.num_registers} registers, "
         f"{cfg.vae.kind} latents) for {loop.steps} steps on {scaling.workers} worker(s) -> "
-        f"{args.storage_path}/{args.name}",
+        f"{args.output}",
         flush=True,
     )
     result = run_training(task, loop, training_images(images, args.materialize), scaling, run)

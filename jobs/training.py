@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 from typing import Any
 
 from jobs.common import fail, worker_error_line
@@ -20,20 +20,20 @@ from jobs.resources import (
 from pipeline.train_common import LoopConfig
 
 D = LoopConfig()
+COPY_CHUNK = 16 * 2**20  # bytes per read when exporting weights (a d30 model is ~5 GB)
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The run, scaling and loop options (defaults from pipeline.train_common.LoopConfig)."""
-    run = p.add_argument_group("run (resume: run again with the same storage path and name)")
-    run.add_argument("--storage-path", help="where checkpoints and logs go: folder or fsspec URL (required)")
-    run.add_argument("--name", help="run name, a folder under the storage path (required)")
+    run = p.add_argument_group("run (resume: run again with the same --output)")
+    run.add_argument("--output", help="the run folder, a path or fsspec URL: checkpoints, metrics (required)")
     run.add_argument("--strategy", choices=["ddp", "fsdp"], default=D.strategy, help="data parallelism (ddp)")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=D.precision, help="auto: bf16 on CUDA")
     run.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before failing (3)")
     run.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept in storage (3)")
     run.add_argument("--preserve-order", action="store_true", help="deterministic data order (exact resumes)")
-    run.add_argument("--tensorboard-dir", help="TensorBoard folder/URL (default: STORAGE/NAME/tensorboard)")
-    run.add_argument("--export", help="after training, copy the final EMA model to this folder")
+    run.add_argument("--tensorboard-dir", help="TensorBoard folder/URL (default: OUTPUT/tensorboard)")
+    run.add_argument("--export", help="after training, copy the final EMA model to this folder/URL")
 
     loop = p.add_argument_group("optimization")
     loop.add_argument("--steps", type=int, default=D.steps, help=f"optimizer steps in the run ({D.steps})")
@@ -81,9 +81,13 @@ def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
 
 
 def scaling_and_run(args: argparse.Namespace):
-    """The Ray Train workers, fitted to the cluster (this joins or starts Ray), and the run's storage."""
-    from pipeline.train_loop import Run, Scaling
+    """The Ray Train workers, fitted to the cluster (this joins or starts Ray), and the run's folder."""
+    from pipeline.train_loop import Run, Scaling, split_output
 
+    try:
+        split_output(args.output)
+    except ValueError as e:
+        fail(f"--output {args.output}: {e}")
     init_ray()
     cluster = cluster_now()
     plan = resource_plan(args, cluster)
@@ -91,8 +95,7 @@ def scaling_and_run(args: argparse.Namespace):
     train = plan.stage("train")
     scaling = Scaling(workers=train.workers, gpus_per_worker=train.gpus, cpus_per_worker=train.cpus)
     run = Run(
-        storage_path=args.storage_path,
-        name=args.name,
+        output=args.output,
         max_failures=args.max_failures,
         keep_checkpoints=args.keep_checkpoints,
         preserve_order=args.preserve_order,
@@ -117,10 +120,11 @@ def finish(result: Any, export: str | None, what: str) -> int:
     if export:
         import fsspec
 
-        fs = result.checkpoint.filesystem
-        os.makedirs(export, exist_ok=True)
+        src_fs = result.checkpoint.filesystem  # pyarrow's, for the run's storage
+        dst_fs, dst_root = fsspec.core.url_to_fs(export)
+        dst_fs.makedirs(dst_root, exist_ok=True)
         for name in ("config.json", "model.safetensors"):
-            with fs.open_input_stream(f"{path}/ema/{name}") as src, fsspec.open(f"{export}/{name}", "wb") as dst:
-                dst.write(src.read())
+            with src_fs.open_input_stream(f"{path}/ema/{name}") as src, dst_fs.open(f"{dst_root}/{name}", "wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
         print(f"  exported EMA weights to {export}")
     return 0

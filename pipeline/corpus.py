@@ -10,6 +10,7 @@ A unit's files count only once its marker exists; the manifest exists only when 
     ds = read_corpus("out/", k=32)                     # Ray Dataset, tokens truncated to 32
     loader = DataLoader(CorpusDataset("out/", k=32, shuffle=True, rank=r, world_size=w), batch_size=64,
                         num_workers=4)                 # (tokens LongTensor [64, 32], labels LongTensor [64])
+    DataLoader(CorpusDataset("adaptive/"), batch_size=64, collate_fn=pad_collate)  # rows of their own lengths
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from flextok.errors import UserInputError
 
 PIPELINE_VERSION = "1"
 DATA_DIR, UNITS_DIR, TMP_DIR = "data", "_units", "_tmp"
@@ -68,6 +71,10 @@ WRITE_OPTIONS = dict(
 ROW_GROUP_ROWS = 16384
 
 
+class CorpusError(UserInputError):
+    """A folder or file that is not a (complete) corpus, or a request it cannot serve (e.g. k > K)."""
+
+
 @dataclass(frozen=True)
 class CorpusMeta:
     """Parquet key-value metadata of every data file (keys `flextok.<field>`, values as text)."""
@@ -81,9 +88,23 @@ class CorpusMeta:
     augment: str
     preprocessing: str
     pipeline_version: str = PIPELINE_VERSION
+    # Adaptive corpora only (pretokenize --adaptive): each row holds its own prefix, num_tokens is the ladder's
+    # largest k. Empty for fixed-K corpora, whose metadata then has no such keys (as before they existed).
+    adaptive_criterion: str = ""  # psnr | inception (pipeline.adaptive)
+    adaptive_target: str = ""  # e.g. "24" (dB) or "0.1" (cosine distance)
+    adaptive_ladder: str = ""  # the k's the search chose from, e.g. "1,2,4,8,16,32"
+    adaptive_decoding: str = ""  # decoder settings the search scored with, e.g. "timesteps=25,guidance_scale=1"
+
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.adaptive_criterion)
+
+    @property
+    def ladder(self) -> list[int]:
+        return [int(k) for k in self.adaptive_ladder.split(",")] if self.adaptive_ladder else [self.num_tokens]
 
     def to_kv(self) -> dict[str, str]:
-        return {f"flextok.{k}": str(v) for k, v in asdict(self).items()}
+        return {f"flextok.{k}": str(v) for k, v in asdict(self).items() if not (k.startswith("adaptive_") and not v)}
 
     @classmethod
     def from_kv(cls, kv: dict[bytes | str, bytes | str]) -> CorpusMeta:
@@ -94,8 +115,10 @@ class CorpusMeta:
         values = {}
         for f in fields(cls):
             name = f"flextok.{f.name}"
+            if name not in text and f.name.startswith("adaptive_"):
+                continue  # a fixed-K corpus
             if name not in text:
-                raise ValueError(f"Parquet metadata lacks '{name}': not a flextok corpus file")
+                raise CorpusError(f"Parquet metadata lacks '{name}': not a flextok corpus file")
             values[f.name] = int(text[name]) if f.type == "int" else text[name]
         return cls(**values)
 
@@ -129,24 +152,23 @@ def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def tokens_table(
-    keys: list[str], labels: list[int | None], tokens: np.ndarray, sources: list[str], augs: list[int]
-) -> pa.Table:
-    """Rows of the corpus from token ids [N, K] (any integer dtype, values < 65536)."""
-    N, K = tokens.shape
-    flat = pa.array(np.ascontiguousarray(tokens, dtype=np.uint16).reshape(-1))
-    offsets = pa.array(np.arange(0, (N + 1) * K, K, dtype=np.int32)[: N + 1])
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "label": pa.array(labels, pa.int32()),
-            "tokens": pa.ListArray.from_arrays(offsets, flat),
-            "num_tokens": pa.array(np.full(N, K, np.int16)),
-            "source": pa.array(sources, pa.string()),
-            "aug": pa.array(augs, pa.int16()),
-        },
-        schema=SCHEMA,
-    )
+def tokens_table(keys, labels, tokens: np.ndarray | pa.Array | pa.ChunkedArray, sources, augs) -> pa.Table:
+    """The one builder of corpus rows (SCHEMA). `tokens`: ids [N, K] (any integer dtype, values < 65536), or a
+    list column; the other columns: Python lists or Arrow columns. `num_tokens` is each row's length."""
+    if isinstance(tokens, np.ndarray):
+        N, K = tokens.shape
+        flat = pa.array(np.ascontiguousarray(tokens, dtype=np.uint16).reshape(-1))
+        tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, (N + 1) * K, K, dtype=np.int32)), flat)
+    tokens = tokens.cast(SCHEMA.field("tokens").type)
+
+    def column(values, name: str) -> pa.Array | pa.ChunkedArray:
+        kind = SCHEMA.field(name).type
+        return values.cast(kind) if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, kind)
+
+    columns = {name: column(v, name) for name, v in (("key", keys), ("label", labels), ("source", sources))}
+    columns |= {"tokens": tokens, "num_tokens": pc.cast(pc.list_value_length(tokens), pa.int16())}
+    columns["aug"] = column(augs, "aug")
+    return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
 
 
 def write_data_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, meta: CorpusMeta) -> None:
@@ -205,8 +227,48 @@ def write_summary(fs: fsspec.AbstractFileSystem, root: str, markers: dict[str, d
         },
         "shards": shards,
     }
+    if meta.adaptive:
+        manifest["adaptive"] = merge_adaptive_stats([m.get("adaptive", {}) for m in units])
     write_json_atomic(fs, join(root, MANIFEST), manifest, indent=1)
     return manifest
+
+
+def write_table_corpus(
+    path: str, units: pa.Table | dict[str, pa.Table], meta: CorpusMeta, rows_per_file: int = 100_000
+) -> dict:
+    """Write in-memory rows (tokens_table) as a complete corpus, the way the job commits them: per unit its data
+    files and marker, then _errors.parquet and _manifest.json. For tests and benches; returns the manifest.
+    Each unit counts its distinct keys as the records read (no bad records)."""
+    fs, root = output_fs(path)
+    units = {"table": units} if isinstance(units, pa.Table) else units
+    for unit, table in units.items():
+        url = table.column("source")[0].as_py() if table.num_rows else unit
+        read = len(pc.unique(table.column("key")))
+        marker = {"url": url, "kind": "table", "index": 0, "digest": "", "read": read, "failed": 0, "errors": []}
+        commit_unit(fs, root, unit, table, meta, rows_per_file, marker)
+    return write_summary(fs, root, read_markers(fs, root), meta)
+
+
+def adaptive_stats(num_tokens: np.ndarray, missed: np.ndarray, decodes: np.ndarray) -> dict:
+    """One unit's adaptive summary: histogram of chosen k (keys as text, for JSON), misses, decoder calls."""
+    ks, counts = np.unique(num_tokens, return_counts=True)
+    return {
+        "k_histogram": {str(int(k)): int(c) for k, c in zip(ks, counts, strict=True)},
+        "missed": int(missed.sum()),
+        "decodes": int(decodes.sum()),
+        "images": len(num_tokens),
+    }
+
+
+def merge_adaptive_stats(parts: list[dict]) -> dict:
+    """Sum of adaptive_stats over units (the manifest's `adaptive`)."""
+    hist: Counter = Counter()
+    for part in parts:
+        hist.update({k: v for k, v in part.get("k_histogram", {}).items()})
+    total = {name: sum(p.get(name, 0) for p in parts) for name in ("missed", "decodes", "images")}
+    ks = sorted(hist, key=int)
+    mean = sum(int(k) * hist[k] for k in ks) / max(1, sum(hist.values()))
+    return {"k_histogram": {k: hist[k] for k in ks}, **total, "mean_tokens": mean}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -224,7 +286,7 @@ def corpus_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str], Corpu
     fs, root = output_fs(path)
     markers = read_markers(fs, root)
     if not markers:
-        raise FileNotFoundError(f"{path}: no committed units ({UNITS_DIR}/*.json): not a flextok corpus, or empty")
+        raise CorpusError(f"{path}: no committed units ({UNITS_DIR}/*.json): not a flextok corpus, or empty")
     files = [join(root, f) for u in sorted(markers) for f in markers[u]["files"]]
     meta = CorpusMeta.from_kv(next(iter(markers.values()))["metadata"])
     return fs, files, meta
@@ -234,7 +296,7 @@ def _check_k(k: int | None, meta: CorpusMeta) -> int:
     if k is None:
         return meta.num_tokens
     if not 1 <= k <= meta.num_tokens:
-        raise ValueError(f"k={k}: this corpus stores {meta.num_tokens} tokens per row, so 1 <= k <= {meta.num_tokens}")
+        raise CorpusError(f"k={k}: this corpus stores {meta.num_tokens} tokens per row, so 1 <= k <= {meta.num_tokens}")
     return k
 
 
@@ -345,15 +407,27 @@ class CorpusDataset(IterableDataset):
             table = pq.ParquetFile(f).read_row_group(chunk.row_group, columns=["tokens", "label"])
         tokens = table.column("tokens").combine_chunks()
         lengths = pc.list_value_length(tokens).to_numpy()
-        if lengths.min() < self.k:
+        if lengths.min() < self.k and not self.meta.adaptive:
             raise ValueError(f"{chunk.path}: a row has {lengths.min()} tokens, fewer than k={self.k}")
         if (lengths == lengths[0]).all():  # the usual case: one stored length -> one reshape
             flat = tokens.flatten().to_numpy()  # [rows * K]
             array = flat.reshape(len(lengths), -1)[:, : self.k]  # [rows, k]
-        else:
+        elif (lengths >= self.k).all():
             array = np.stack([np.asarray(t[: self.k], np.uint16) for t in tokens.to_pylist()])
+        else:  # an adaptive corpus: rows keep their own lengths, at most k (batch them with pad_collate)
+            array = [np.asarray(t[: self.k], np.uint16) for t in tokens.to_pylist()]
         labels = [NO_LABEL if v is None else v for v in table.column("label").to_pylist()]
         return array, labels
+
+
+def pad_collate(rows: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DataLoader collate for CorpusDataset rows of different lengths (adaptive corpora):
+    -> (tokens LongTensor [B, T] zero-padded to the longest, labels [B], lengths [B])."""
+    lengths = torch.tensor([len(t) for t, _ in rows])
+    tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, (t, _) in enumerate(rows):
+        tokens[i, : len(t)] = t
+    return tokens, torch.tensor([label for _, label in rows]), lengths
 
 
 def _shuffle_buffer(rows: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -379,6 +453,7 @@ class Validation:
     read: int = 0
     failed: int = 0
     labels: Counter = field(default_factory=Counter)  # label -> rows; None counts null labels
+    lengths: Counter = field(default_factory=Counter)  # num_tokens -> rows
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -423,6 +498,7 @@ def validate_corpus(path: str, max_examples: int = 5) -> Validation:
                 continue
             v.problems += _check_rows(rel, table, meta)
             v.tokens += pc.sum(table.column("num_tokens")).as_py() or 0
+            v.lengths.update(table.column("num_tokens").to_pylist())
             v.labels.update(table.column("label").to_pylist())
             for key, aug in zip(table.column("key").to_pylist(), table.column("aug").to_pylist(), strict=True):
                 if (key, aug) in seen:
@@ -438,6 +514,10 @@ def validate_corpus(path: str, max_examples: int = 5) -> Validation:
             )
     if duplicates:
         v.problems.append(f"{len(duplicates)} duplicate (key, aug) rows, e.g. {duplicates[:max_examples]}")
+    if meta.adaptive:
+        listed_hist = {int(k): n for k, n in manifest.get("adaptive", {}).get("k_histogram", {}).items()}
+        if listed_hist != dict(v.lengths):
+            v.problems.append(f"the manifest's adaptive k histogram {listed_hist} != the rows' {dict(v.lengths)}")
     if fs.exists(join(root, ERRORS)):
         with fs.open(join(root, ERRORS), "rb") as f:
             n_errors = pq.ParquetFile(f).metadata.num_rows
@@ -469,7 +549,11 @@ def _check_rows(rel: str, table: pa.Table, meta: CorpusMeta) -> list[str]:
     lengths = pc.list_value_length(table.column("tokens"))
     if not pc.all(pc.equal(lengths, pc.cast(table.column("num_tokens"), pa.int32()))).as_py() and table.num_rows:
         problems.append(f"{rel}: num_tokens differs from len(tokens)")
-    if table.num_rows and (pc.min(lengths).as_py() != meta.num_tokens or pc.max(lengths).as_py() != meta.num_tokens):
+    if meta.adaptive:
+        off = sorted(set(lengths.to_pylist()) - set(meta.ladder))
+        if off:
+            problems.append(f"{rel}: rows hold {off} tokens, not on the adaptive ladder {meta.ladder}")
+    elif table.num_rows and (pc.min(lengths).as_py() != meta.num_tokens or pc.max(lengths).as_py() != meta.num_tokens):
         problems.append(f"{rel}: rows should hold {meta.num_tokens} tokens, found {pc.min_max(lengths).as_py()}")
     values = pc.list_flatten(table.column("tokens"))
     if len(values) and pc.max(values).as_py() >= meta.codebook_size:

@@ -12,9 +12,12 @@ ours (mu, sigma, n, extractor identity, preprocessing, optionally features) or A
 
 from __future__ import annotations
 
+import io
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 
@@ -264,11 +267,11 @@ class Reference:
         return self.features
 
 
-def save_reference(path: str | Path, ref: Reference) -> Path:
-    path = Path(path)
-    if path.suffix != ".npz":
+def save_reference(path: str | Path, ref: Reference) -> str | Path:
+    """Write `ref` as a statistics .npz to a local path or an fsspec URL (written whole, then renamed);
+    returns `path`."""
+    if not str(path).endswith(".npz"):
         raise ValueError(f"statistics files end in .npz, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "format": np.array(STATS_FORMAT),
         "mu": ref.mu,
@@ -279,19 +282,30 @@ def save_reference(path: str | Path, ref: Reference) -> Path:
     }
     if ref.features is not None:
         arrays["features"] = np.asarray(ref.features, np.float32)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fs, target = fsspec.core.url_to_fs(str(path))
+    fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)
+    tmp = target.removesuffix(".npz") + ".tmp.npz"
+    fs.pipe_file(tmp, buf.getvalue())
+    fs.mv(tmp, target)
     return path
 
 
 def load_reference(path: str | Path) -> Reference:
-    """Our statistics .npz, or an ADM reference batch (keys `mu`, `sigma`; other arrays are not read)."""
-    path = Path(path)
-    if not path.is_file():
+    """Our statistics .npz, or an ADM reference batch (keys `mu`, `sigma`; other arrays are not read), from a
+    local path or an fsspec URL (only the arrays read are fetched)."""
+    path = str(path)
+    fs, target = fsspec.core.url_to_fs(path)
+    if not fs.isfile(target):
         raise FileNotFoundError(f"reference statistics {path}: no such file")
+    with fs.open(target, "rb") as f:
+        return _read_reference(f, path)
+
+
+def _read_reference(f, path: str) -> Reference:
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(f, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable .npz ({e})") from e
     with data:

@@ -102,5 +102,5 @@ class GenerateStage:
         for (key, label), j in zip(samples, range(0, len(jobs), len(self.ks)), strict=True):
             for m, k in enumerate(self.ks):
                 image = images[j + m]
-                out.add(key, label, k, image, True, png_bytes(image) if key in self.grid else b"")
+                out.add(key, label, k, image, True, png_bytes(image) if key in self.grid else b"", decoded=1)
         return out.batch()

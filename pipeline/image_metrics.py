@@ -4,7 +4,9 @@
 
 MSE is over [0, 255] pixel values; PSNR = 10 log10(255^2 / MSE), capped at 100 dB for identical images;
 SSIM (Wang et al. 2004) uses an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, the valid region
-only, averaged over the three channels (as pytorch-msssim).
+only, averaged over the three channels (as pytorch-msssim). That is scikit-image's structural_similarity with
+gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1 (equal to 1e-15;
+tests/test_image_metrics.py).
 """
 
 from __future__ import annotations

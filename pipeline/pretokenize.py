@@ -31,18 +31,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flextok.errors import UserInputError
+
 from .corpus import (
     DATA_DIR,
     MANIFEST,
-    SCHEMA,
     TMP_DIR,
     CorpusMeta,
+    adaptive_stats,
     commit_unit,
     join,
     output_fs,
     read_markers,
+    tokens_table,
     write_summary,
 )
+from .malloc import runtime_env
 from .preprocess import AUGMENT_MODES, PREPROCESSING, to_model_input
 from .sources import InputShard, batched, decode_records, expand_inputs
 
@@ -80,6 +84,10 @@ class PretokenizeConfig:
     rows_per_file: int = 100_000  # upper bound on rows per data file (a shard's rows never share a file)
     folder_chunk: int = 1000  # images per unit of work when an input is a folder
     block_rows: int = 64  # decoded images per block leaving a read task
+    adaptive: str | None = None  # "psnr:TARGET" | "inception:TARGET": each row its own shortest good prefix
+    ladder: str | None = None  # adaptive: the k's to choose from, "1,2,4"; None: powers of two up to the registers
+    adaptive_timesteps: int = 25  # adaptive: decoder steps of the search's reconstructions
+    adaptive_guidance_scale: float = 1.0  # adaptive: their guidance scale
 
 
 @dataclass
@@ -94,7 +102,7 @@ class Summary:
     manifest: dict = field(default_factory=dict)
 
 
-class JobInputError(ValueError):
+class JobInputError(UserInputError):
     """The configuration or the output folder does not allow the job to run (one-line reason)."""
 
 
@@ -175,7 +183,7 @@ def unit_name(shard: InputShard) -> str:
 def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
     """The model's identity and sizes, from its checkpoint files (the driver never holds the weights), checked
     against the configuration."""
-    from flextok.checkpoint import read_checkpoint_info
+    from flextok.checkpoint import is_url, read_checkpoint_info
 
     info = read_checkpoint_info(cfg.model)
     size, n = info.cfg.image_size, info.cfg.num_registers
@@ -187,17 +195,49 @@ def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
         raise JobInputError(f"codebook size {info.codebook_size} does not fit the corpus's uint16 tokens")
     if cfg.augment not in AUGMENT_MODES:
         raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
-    name = Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model
+    is_folder = is_url(cfg.model) or Path(cfg.model).is_dir()
+    name = posixpath.basename(str(cfg.model).rstrip("/")) if is_folder else cfg.model
+    adaptive = adaptive_meta(cfg, n)
     return CorpusMeta(
         tokenizer=name,
         tokenizer_sha256=info.digest(),
         codebook_size=info.codebook_size,
         num_registers=n,
-        num_tokens=cfg.num_tokens or n,
+        num_tokens=int(adaptive["adaptive_ladder"].split(",")[-1]) if adaptive else (cfg.num_tokens or n),
         resolution=size,
         augment=cfg.augment,
         preprocessing=PREPROCESSING,
+        **adaptive,
     )
+
+
+def adaptive_meta(cfg: PretokenizeConfig, num_registers: int) -> dict[str, str]:
+    """The CorpusMeta fields of --adaptive (empty without it); bad values raise JobInputError (one line)."""
+    if not cfg.adaptive:
+        if cfg.ladder:
+            raise JobInputError("--ladder needs --adaptive")
+        return {}
+    from .adaptive import parse_adaptive, parse_ladder
+    from .adaptive_stage import AdaptiveSettings
+
+    if cfg.num_tokens is not None:
+        raise JobInputError("--num-tokens and --adaptive exclude each other (the ladder's largest k is the cap)")
+    if cfg.adaptive_timesteps < 1:
+        raise JobInputError(f"--adaptive-timesteps {cfg.adaptive_timesteps}: need at least 1 decoder step")
+    try:
+        criterion = parse_adaptive(cfg.adaptive)
+        ladder = parse_ladder(cfg.ladder, num_registers)
+    except ValueError as e:
+        raise JobInputError(str(e)) from None
+    settings = AdaptiveSettings(
+        criterion.name, criterion.target, tuple(ladder), cfg.adaptive_timesteps, cfg.adaptive_guidance_scale
+    )
+    return {
+        "adaptive_criterion": criterion.name,
+        "adaptive_target": f"{criterion.target:g}",
+        "adaptive_ladder": ",".join(map(str, ladder)),
+        "adaptive_decoding": settings.decoding_text(),
+    }
 
 
 def check_output(markers: dict[str, dict], units: dict[str, InputShard], meta: CorpusMeta, output: str) -> None:
@@ -244,6 +284,14 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
         "use_gpu": cfg.gpus_per_worker > 0,
         "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
     }
+    if meta.adaptive:
+        actor_kwargs["adaptive"] = {
+            "criterion": meta.adaptive_criterion,
+            "target": float(meta.adaptive_target),
+            "ladder": meta.ladder,
+            "timesteps": cfg.adaptive_timesteps,
+            "guidance_scale": cfg.adaptive_guidance_scale,
+        }
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=actor_kwargs,
@@ -294,9 +342,7 @@ class _Gather:
 def _corpus_rows(rows: pa.Table) -> pa.Table:
     """The good rows of a unit in the corpus schema."""
     good = rows.filter(pc.is_null(rows.column("error")))
-    num = pc.cast(pc.list_value_length(good.column("tokens")), pa.int16())
-    columns = {name: good.column(name) for name in ("key", "label", "tokens", "source", "aug")}
-    return pa.table({**columns, "num_tokens": num}).select(SCHEMA.names).cast(SCHEMA)
+    return tokens_table(*(good.column(name) for name in ("key", "label", "tokens", "source", "aug")))
 
 
 def run_pretokenize(
@@ -334,9 +380,13 @@ def run_pretokenize(
     if fs.exists(join(root, MANIFEST)):
         fs.rm(join(root, MANIFEST))  # the output is incomplete until this run ends
     _remove_stale(fs, root, [u for u, _ in todo])
+    if meta.adaptive and actor_cls is TokenizeActor:
+        from .adaptive_stage import AdaptiveTokenizeActor
+
+        actor_cls = AdaptiveTokenizeActor
     if todo:
         if not ray.is_initialized():
-            ray.init()
+            ray.init(runtime_env=runtime_env())  # pipeline.malloc: no mmap churn in the actors
         gather, last_log = _Gather(), 0.0
         ds = build_dataset(todo, cfg, meta, actor_cls)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -382,4 +432,12 @@ def _commit(fs, root, unit: str, shard: InputShard, rows: pa.Table, meta: Corpus
         "failed": len(errors),
         "errors": errors,
     }
+    if meta.adaptive:
+        good = rows.filter(pc.is_null(rows.column("error")))
+        if "adaptive_missed" in good.column_names:
+            missed, decodes = good.column("adaptive_missed").to_numpy(), good.column("adaptive_decodes").to_numpy()
+        else:  # a unit without images
+            missed, decodes = np.zeros(0, bool), np.zeros(0, np.int16)
+        lengths = pc.list_value_length(good.column("tokens")).to_numpy(zero_copy_only=False)
+        marker["adaptive"] = adaptive_stats(lengths, missed, decodes)
     return commit_unit(fs, root, unit, _corpus_rows(rows), meta, cfg.rows_per_file, marker)

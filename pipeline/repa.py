@@ -8,6 +8,10 @@ decoder layer's patch tokens with a frozen teacher's patch features, by cosine s
 The teacher is pluggable and never downloads anything: `dinov2` loads a local torch.hub checkout (its
 hubconf.py) and local weights (weights_only); `random-conv` is a fixed, seeded random conv net that gives
 patch features of any width, the stand-in for tests and CPU runs.
+
+Security: `torch.hub.load(source="local")` imports and RUNS the checkout's hubconf.py (and what it imports).
+Point `repo` only at a checkout you trust (e.g. your clone of facebookresearch/dinov2). We refuse a hubconf.py
+that resolves outside the given folder (a symlink out of it) and an entry point that is not a plain name.
 """
 
 from __future__ import annotations
@@ -100,11 +104,16 @@ class DINOv2Teacher(nn.Module):
     def __init__(self, repo: str, weights: str, model: str = "dinov2_vitl14", input_size: int = 224):
         super().__init__()
         repo_dir, weights_path = Path(repo).expanduser(), Path(weights).expanduser()
-        if not (repo_dir / "hubconf.py").is_file():
+        hubconf = repo_dir / "hubconf.py"
+        if not hubconf.is_file():
             raise FileNotFoundError(f"REPA teacher: {repo_dir} is not a torch.hub checkout (no hubconf.py)")
+        if not hubconf.resolve().is_relative_to(repo_dir.resolve()):
+            raise ValueError(f"REPA teacher: {hubconf} resolves to {hubconf.resolve()}, outside {repo_dir}; refused")
+        if not model.isidentifier():
+            raise ValueError(f"REPA teacher: entry point {model!r} is not a plain name")
         if not weights_path.is_file():
             raise FileNotFoundError(f"REPA teacher: weights file {weights_path} not found")
-        self.net = torch.hub.load(str(repo_dir), model, source="local", pretrained=False)
+        self.net = torch.hub.load(str(repo_dir), model, source="local", pretrained=False)  # runs hubconf.py
         if weights_path.suffix == ".safetensors":
             from safetensors.torch import load_file
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -37,6 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+from webdataset.tariterators import base_plus_ext
+
+from flextok.errors import UserInputError
 
 from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, augment_ids, augmented_views, decode_image
 
@@ -57,10 +59,12 @@ DUPLICATE_KEY = "DuplicateKey"  # a second record with a key already seen in thi
 CORRUPT_SHARD = "CorruptShard"  # the shard could not be read to its end (truncated tar, bad parquet)
 READ_ERROR = "ReadError"  # a file that could not be opened or read
 BAD_KEY = "BadKey"  # a key (tar member name) that is not valid UTF-8
+TOO_LARGE = "MemberTooLarge"  # a tar member above MAX_MEMBER_BYTES: skipped unread, its sample is an error record
+MAX_MEMBER_BYTES = 64 * 2**20  # no image or label file of a sample needs more; a bigger one would fill memory
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-class InputError(ValueError):
+class InputError(UserInputError):
     """An input URL that cannot be used (nothing matches, unknown kind, bad labels CSV)."""
 
 
@@ -236,10 +240,9 @@ def _exc(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key = up to the first dot
-
-
 def _tar_records(shard: InputShard) -> Iterator[Record]:
+    """Members grouped into samples by webdataset's key rule (`base_plus_ext`: key = up to the first dot).
+    Read with tarfile, not webdataset's reader, which skips links silently and reads members whole."""
     key, parts = None, {}
     try:
         with fsspec.open(shard.url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -252,14 +255,17 @@ def _tar_records(shard: InputShard) -> Iterator[Record]:
                 if not member.isfile():
                     yield _error(member.name, shard, NOT_A_FILE, f"tar member {member.name!r} is a link or device")
                     continue
-                m = _WDS_KEY.match(member.name)
-                if m is None:
+                base, ext = base_plus_ext(member.name)
+                if base is None:
                     continue  # no extension: not part of a sample (as in webdataset)
-                if m.group(1) != key:
+                if base != key:
                     if key is not None:
                         yield _sample(key, parts, shard)
-                    key, parts = m.group(1), {}
-                parts[m.group(2).lower()] = tar.extractfile(member).read()
+                    key, parts = base, {}
+                if member.size > MAX_MEMBER_BYTES:  # left unread: the stream skips it
+                    parts[ext.lower()] = TooLarge(member.name, member.size, MAX_MEMBER_BYTES)
+                else:
+                    parts[ext.lower()] = tar.extractfile(member).read()
         if key is not None:
             yield _sample(key, parts, shard)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
@@ -271,7 +277,19 @@ def _unsafe_name(name: str) -> bool:
     return not name or name.startswith("/") or ".." in name.replace("\\", "/").split("/")
 
 
-def _sample(key: str, parts: dict[str, bytes], shard: InputShard) -> Record:
+@dataclass(frozen=True)
+class TooLarge:
+    """Stands in for a tar member that was not read because of its size."""
+
+    name: str
+    size: int
+    limit: int
+
+
+def _sample(key: str, parts: dict[str, bytes | TooLarge], shard: InputShard) -> Record:
+    big = next((p for p in parts.values() if isinstance(p, TooLarge)), None)
+    if big is not None:
+        return _error(key, shard, TOO_LARGE, f"tar member {big.name!r} has {big.size} bytes (limit {big.limit})")
     label = None
     if "cls" in parts:
         try:

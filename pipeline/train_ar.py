@@ -3,7 +3,7 @@ to the workers through Ray Data.
 
     ds = read_corpus("corpus/", k=128)                               # pipeline.corpus
     task = ARTask(model=ar_preset("d12", max_tokens=128).to_dict())
-    run_training(task, LoopConfig(...), ds, Scaling(8, gpus_per_worker=1), Run("s3://runs", "ar-d12"))
+    run_training(task, LoopConfig(...), ds, Scaling(8, gpus_per_worker=1), Run("s3://bucket/runs/ar-d12"))
 
 Rows without a label train the null class (the unconditional model that CFG uses).
 """
@@ -62,8 +62,9 @@ class TokenCollate(ArrowBatchCollateFn):
             cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             tokens[rows, cols] = flat
         labels = batch.column("label").to_numpy(zero_copy_only=False)  # float with NaN where null
-        labels = np.where(np.isnan(labels), self.null_class, labels).astype(np.int64)
-        bad = (labels < 0) | (labels > self.null_class)
+        null = np.isnan(labels)
+        bad = ~null & ((labels < 0) | (labels >= self.null_class))  # class ids are 0..num_classes-1
+        labels = np.where(null, self.null_class, labels).astype(np.int64)
         if bad.any():
             key = batch.column("key")[int(np.argmax(bad))].as_py()
             raise ValueError(
@@ -105,8 +106,22 @@ class ARTask(TrainTask):
         return int(batch["lengths"].sum())
 
 
-def corpus_for_training(path: str, k: int | None = None) -> Any:
-    """The corpus's Ray Dataset with only what training reads (tokens truncated to k)."""
-    from .corpus import read_corpus
+# Corpora whose training columns take at most this many bytes are read once, into the object store.
+MATERIALIZE_BYTES = 512 * 2**20
 
-    return read_corpus(path, k=k).select_columns(["key", "label", "tokens"])
+
+def corpus_for_training(path: str, k: int | None = None, materialize_bytes: int = MATERIALIZE_BYTES) -> Any:
+    """The corpus's Ray Dataset with only what training reads (tokens truncated to k).
+
+    Every epoch is a new Ray Data execution; over Parquet files that is a new read, whose start-up the workers
+    wait for (a few hundred rows take a few steps per epoch; issue 12 saw the AR job wait for data 25-50% of
+    its time). A corpus of at most `materialize_bytes` (uint16 tokens + label + key, estimated from its
+    markers) is therefore read once and materialized: later epochs stream its blocks from the object store."""
+    from .corpus import corpus_files, output_fs, read_corpus, read_markers
+
+    ds = read_corpus(path, k=k).select_columns(["key", "label", "tokens"])
+    _, _, meta = corpus_files(path)
+    rows = sum(m["written"] for m in read_markers(*output_fs(path)).values())
+    if rows * (2 * (k or meta.num_tokens) + 32) <= materialize_bytes:
+        ds = ds.materialize()
+    return ds

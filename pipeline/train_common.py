@@ -57,7 +57,7 @@ class LoopConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where CUDA is present
     shuffle_buffer: int = 1000  # rows in each worker's local shuffle buffer; 0 = data order
-    tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local copy synced if remote)
+    tensorboard_dir: str | None = None  # default: <run folder>/tensorboard (local copy synced if remote)
 
     def check(self, world_size: int) -> None:
         """Raise ValueError naming the option when the numbers do not fit together."""
@@ -281,6 +281,9 @@ def checkpoint_name(step: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Metrics: TensorBoard events + a JSON-lines copy, written locally and mirrored to any fsspec URL
 # ---------------------------------------------------------------------------------------------------
+METRICS_FILE, EVENTS_FILE = "metrics.jsonl", "events.jsonl"
+
+
 class MetricsLog:
     """Rank 0's per-step metrics. `url` may be remote: files are written to a local folder and copied
     there by `sync()` (called at every checkpoint and at the end). On resume, events after `start_step`
@@ -293,12 +296,16 @@ class MetricsLog:
         self.remote = not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
         self.local = Path(tempfile.mkdtemp(prefix="tb-")) if self.remote else Path(self.root)
         self.local.mkdir(parents=True, exist_ok=True)
+        if self.remote:  # a resumed run appends to the logs already in the bucket (sync overwrites them)
+            for name in (METRICS_FILE, EVENTS_FILE):
+                if self.fs.exists(f"{self.root}/{name}"):
+                    self.fs.get(f"{self.root}/{name}", str(self.local / name))
         self.writer = SummaryWriter(str(self.local), purge_step=start_step or None)
-        self.jsonl = open(self.local / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.jsonl = open(self.local / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
 
     def event(self, step: int, name: str, **info: Any) -> None:
         """A run event (started, resumed) in events.jsonl: when restarts happened, and from which step."""
-        with open(self.local / "events.jsonl", "a") as f:
+        with open(self.local / EVENTS_FILE, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), "event": name, **info}) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -323,7 +330,7 @@ class MetricsLog:
 def read_events(url: str) -> list[dict]:
     """The run events of a metrics folder (see MetricsLog.event), in order."""
     fs, root = fsspec.core.url_to_fs(url)
-    with fs.open(os.path.join(root, "events.jsonl"), "r") as f:
+    with fs.open(os.path.join(root, EVENTS_FILE), "r") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -332,7 +339,7 @@ def read_metrics(url: str) -> list[dict]:
     and resume, keeps its last record), in step order."""
     fs, root = fsspec.core.url_to_fs(url)
     by_step: dict[int, dict] = {}
-    with fs.open(os.path.join(root, "metrics.jsonl"), "r") as f:
+    with fs.open(os.path.join(root, METRICS_FILE), "r") as f:
         for line in f:
             if line.strip():
                 record = json.loads(line)
@@ -340,8 +347,8 @@ def read_metrics(url: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def default_tensorboard_dir(storage_path: str, name: str) -> str:
-    return storage_path.rstrip("/") + f"/{name}/tensorboard"
+def default_tensorboard_dir(output: str) -> str:
+    return output.rstrip("/") + "/tensorboard"
 
 
 def to_scalar(x: Any) -> float:

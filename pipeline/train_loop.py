@@ -1,15 +1,15 @@
 """The training loop both jobs run on Ray Train, and the driver call that starts it.
 
-    result = run_training(task, LoopConfig(...), dataset, Scaling(workers=2), Run("s3://bucket/runs", "tok1"))
+    result = run_training(task, LoopConfig(...), dataset, Scaling(workers=2), Run("s3://bucket/runs/tok1"))
 
 A `TrainTask` says what is trained (the objective module, how batches come from the worker's Ray Data
 shard, how the model is saved); the loop does the rest, the same way for every task:
   - DDP (or FSDP2) over the workers, bf16 autocast on CUDA, gradient accumulation, clipping, AdamW with
     warmup + cosine/linear decay, EMA;
   - every `checkpoint_every` steps a checkpoint (see pipeline.train_common) reported to Ray Train, which
-    uploads it under RunConfig(storage_path, name); a worker lost mid-run restarts the group (up to
+    uploads into the run folder (`Run.output`); a worker lost mid-run restarts the group (up to
     `max_failures` times) and the loop resumes from the latest checkpoint, as does re-running the job with
-    the same storage path and name;
+    the same run folder;
   - randomness is a function of (seed, step, rank), and the data position is checkpointed (epoch, steps
     into it; each worker re-reads and skips that many batches), so a resumed run continues exactly where
     it stopped. Bitwise-equal to an uninterrupted run with one worker; with several, Ray Data assigns
@@ -19,6 +19,7 @@ shard, how the model is saved); the loop does the rest, the same way for every t
 
 from __future__ import annotations
 
+import posixpath
 import shutil
 import tempfile
 import time
@@ -132,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     log = None
     if rank == 0:
-        tensorboard = cfg.tensorboard_dir or default_tensorboard_dir(config["storage_path"], config["name"])
+        tensorboard = cfg.tensorboard_dir or default_tensorboard_dir(config["output"])
         log = MetricsLog(tensorboard, start_step=state.step)
         log.event(state.step, "resumed" if state.step else "started", world_size=world, epoch=state.epoch)
         print(f"{'resumed from' if state.step else 'starting at'} step {state.step} on {world} worker(s)", flush=True)
@@ -340,8 +341,7 @@ class Scaling:
 
 @dataclass
 class Run:
-    storage_path: str  # any fsspec / pyarrow URL: local folder, s3://, gs://, ...
-    name: str
+    output: str  # the run folder: a local path or a URL pyarrow and fsspec both read (s3://, gs://, ...)
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the run fails
     keep_checkpoints: int | None = 3
     preserve_order: bool = False  # deterministic data order (needed for bitwise-reproducible resumes)
@@ -368,17 +368,17 @@ def cuda_checked_torch_config():
 
 
 def run_training(task: TrainTask, loop: LoopConfig, dataset: Any, scaling: Scaling, run: Run):
-    """Start (or resume: same storage_path + name) a TorchTrainer run; returns Ray Train's Result."""
+    """Start (or resume: same `run.output`) a TorchTrainer run; returns Ray Train's Result."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     loop.check(max(1, scaling.workers))
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = ingest.preserve_order or run.preserve_order
-    storage = run.storage_path if "://" in run.storage_path else str(Path(run.storage_path).resolve())
+    storage, name = split_output(run.output)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "loop": loop, "storage_path": storage, "name": run.name},
+        train_loop_config={"task": task, "loop": loop, "output": f"{storage}/{name}"},
         torch_config=cuda_checked_torch_config(),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,
@@ -386,7 +386,7 @@ def run_training(task: TrainTask, loop: LoopConfig, dataset: Any, scaling: Scali
             resources_per_worker={"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker},
         ),
         run_config=RunConfig(
-            name=run.name,
+            name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
@@ -395,3 +395,15 @@ def run_training(task: TrainTask, loop: LoopConfig, dataset: Any, scaling: Scali
         dataset_config=DataConfig(execution_options=ingest),
     )
     return trainer.fit()
+
+
+def split_output(output: str) -> tuple[str, str]:
+    """A run folder -> Ray Train's (storage_path, name): its parent and its last part. Local paths are made
+    absolute (the workers do not share the driver's working directory)."""
+    url = output.rstrip("/")
+    if "://" not in url:
+        url = str(Path(url).resolve())
+    parent, name = posixpath.split(url)
+    if not name or parent.endswith(":/") or parent.endswith(":"):
+        raise ValueError("give a folder for the run under the bucket or file system root, e.g. s3://bucket/runs/a")
+    return parent, name

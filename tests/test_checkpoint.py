@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_export import config_to_official, save_official
 from safetensors.torch import load_file, save_file
 
 from flextok import FlexTok, FlexTokConfig, preset
-from flextok.checkpoint import CheckpointError, config_to_official, save_official, weights_digest
+from flextok.checkpoint import CheckpointError, weights_digest
 from flextok.config import DecoderConfig, EncoderConfig, VAEConfig
 
 
@@ -255,3 +256,65 @@ def test_hub_ids_resolve_through_the_huggingface_cache(tmp_path, monkeypatch):
         ("file", "EPFL-VILAB/flextok_vae_c4", "config.json"),
     ]
     assert weights_digest(loaded.state_dict()) == weights_digest(model.state_dict())
+
+
+@pytest.mark.parametrize("vae_path", ["../vae", "/etc", "vae/../../elsewhere"])
+def test_vae_path_outside_the_checkpoint_folder_is_refused(official_tiny, tmp_path, vae_path):
+    def edit(cfg):
+        cfg["vae"]["hf_hub_path"] = vae_path
+
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        FlexTok.from_pretrained(_edit_config(official_tiny, tmp_path, edit))
+
+
+def test_vae_path_inside_the_folder_may_be_absolute(official_tiny, tmp_path):
+    folder = copy_fixture(official_tiny, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vae"]["hf_hub_path"] = str((folder / "vae").resolve())
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert FlexTok.from_pretrained(folder).cfg == FlexTok.from_pretrained(official_tiny).cfg
+
+
+def test_missing_vae_folder_that_is_no_hub_id_says_what_was_tried(official_tiny, tmp_path):
+    def edit(cfg):
+        cfg["vae"]["hf_hub_path"] = "vea"
+
+    with pytest.raises(CheckpointError, match=r"no folder .*vea with a config\.json \(and it is not a hub id\)"):
+        FlexTok.from_pretrained(_edit_config(official_tiny, tmp_path, edit))
+
+
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub must not be asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    with pytest.raises(CheckpointError, match=r"no such checkpoint folder: ckpts/modle$"):
+        FlexTok.from_pretrained("ckpts/modle")
+
+
+def test_a_failed_hub_fetch_names_both_attempts(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **_):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no such checkpoint folder: owner/model; as a hub id .*unreachable"):
+        FlexTok.from_pretrained("owner/model")
+
+
+def test_exported_official_folder_holds_the_vae_in_the_diffusers_layout(tmp_path):
+    """What the release's loader needs besides config.json: vae/ with diffusers weights, named absolutely."""
+    torch.manual_seed(0)
+    model = perturbed(FlexTok(other_sized_kl_config()))
+    save_official(model, tmp_path / "official")
+    cfg = json.loads((tmp_path / "official" / "config.json").read_text())
+    assert cfg["vae"]["hf_hub_path"] == str((tmp_path / "official" / "vae").resolve())
+    vae = load_file(str(tmp_path / "official" / "vae" / "diffusion_pytorch_model.safetensors"))
+    state = model.vae.autoencoder.state_dict()
+    assert vae.keys() == state.keys() and all(torch.equal(vae[k], state[k]) for k in state)

@@ -92,3 +92,14 @@ def test_console_script_runs_a_subcommand():
     result = subprocess.run([str(flextok), "demo", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: flextok demo")
+
+
+def test_the_pretokenize_config_names_the_local_sample():
+    """configs/pretokenize.yaml (named in the job's docstring) parses with the job's own parser."""
+    from jobs.common import parse_args
+    from jobs.pretokenize import build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    args = parse_args(build_parser(), ["--config", str(repo / "configs" / "pretokenize.yaml")])
+    assert args.input == ["../shared/data/imagenet-sample"] and args.model == "out/tokenizer-tiny"
+    assert (repo / args.input[0] / "labels.csv").is_file()

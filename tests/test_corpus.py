@@ -15,13 +15,10 @@ from torch.utils.data import DataLoader
 from pipeline.corpus import (
     CorpusDataset,
     CorpusMeta,
-    commit_unit,
-    output_fs,
     read_corpus,
-    read_markers,
     tokens_table,
     validate_corpus,
-    write_summary,
+    write_table_corpus,
 )
 from pipeline.preprocess import PREPROCESSING
 
@@ -39,13 +36,11 @@ META = CorpusMeta(
 
 def make_corpus(out: Path, units: dict[str, tuple[list[str], list[int | None], np.ndarray]], meta=META, **kw) -> Path:
     """Commit units {name: (keys, labels, tokens [N, K])} and write the summary, as the job does."""
-    fs, root = output_fs(str(out))
+    tables = {}
     for unit, (keys, labels, tokens) in units.items():
         source = f"s3://bucket/imagenet/{unit}.tar"
-        table = tokens_table(keys, labels, tokens, [source] * len(keys), [0] * len(keys))
-        marker = {"url": source, "kind": "webdataset", "index": 0, "digest": "", "read": len(keys), "failed": 0}
-        commit_unit(fs, root, unit, table, meta, kw.get("rows_per_file", 100_000), {**marker, "errors": []})
-    write_summary(fs, root, read_markers(fs, root), meta)
+        tables[unit] = tokens_table(keys, labels, tokens, [source] * len(keys), [0] * len(keys))
+    write_table_corpus(str(out), tables, meta, kw.get("rows_per_file", 100_000))
     return out
 
 

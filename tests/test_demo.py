@@ -79,6 +79,17 @@ def test_each_steps_stages_fit_the_demos_gpus_at_once(tmp_path, gpus):
     assert planned == 5  # train tokenizer, pretokenize, train ar, eval sweep, eval generate
 
 
+def test_ks_from_a_yaml_list_reaches_both_sweeps_as_a_flag(tmp_path):
+    from jobs.common import parse_args
+
+    config = tmp_path / "demo.yaml"
+    config.write_text("ks: [1, 4, 16]\n")
+    args = parse_args(demo.build_parser(), ["--config", str(config), "--output", str(tmp_path / "demo")])
+    steps = demo.plan(args, REPO.parent / "shared" / "data" / "imagenet-sample", demo.Layout(Path(args.output)))
+    sweeps = [s for s in steps if s.words[0] == "eval"]
+    assert [s.argv[s.argv.index("--ks") + 1] for s in sweeps] == ["1,4,16", "1,4,16"]
+
+
 def test_output_folder_that_is_not_a_demo_folder_is_left_alone(tmp_path):
     keep = tmp_path / "mine"
     keep.mkdir()

@@ -106,6 +106,21 @@ def test_kid_precision_recall_and_is_match_torch_fidelity():
     assert ours["is_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-9)
 
 
+def test_kid_with_fewer_samples_than_the_subset_size_uses_them_all():
+    """torch-fidelity refuses a subset larger than a set; ours shrinks it to the smaller set and says so."""
+    fake, real = features(30, seed=11, shift=0.2), features(40, seed=12)
+    kid = kernel_inception_distance(fake, real, subsets=5, subset_size=1000)
+    theirs = kid_features_to_metric(
+        torch.from_numpy(fake.astype(np.float64)),
+        torch.from_numpy(real.astype(np.float64)),
+        kid_subsets=5,
+        kid_subset_size=30,
+        verbose=False,
+    )
+    assert kid["kid_subset_size"] == 30
+    assert kid["kid_mean"] == theirs["kernel_inception_distance_mean"]
+
+
 # ------------------------------------------------------------------------------------------- references
 def test_reference_npz_round_trip(tmp_path):
     x = features(50, seed=7)

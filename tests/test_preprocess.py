@@ -28,18 +28,6 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def reference_center_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """guided-diffusion's image_datasets.center_crop_arr, verbatim in substance."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
-
-
 # ------------------------------------------------------------------------------------------ decoding
 def test_decode_real_jpeg_is_rgb(imagenet_sample: Path):
     data = (imagenet_sample / "n01440764_tench.JPEG").read_bytes()
@@ -127,16 +115,51 @@ def test_decode_rejects_decompression_bombs(side: int):
 
 
 # ------------------------------------------------------------------------------------------ cropping
-@pytest.mark.parametrize(
-    "name",
-    ["n01440764_tench.JPEG", "n04008634_projectile.JPEG", "n03109150_corkscrew.JPEG", "n04254120_soap_dispenser.JPEG"],
-)
-@pytest.mark.parametrize("resolution", [32, 256])
-def test_center_crop_matches_guided_diffusion(imagenet_sample: Path, name: str, resolution: int):
-    img = decode_image((imagenet_sample / name).read_bytes())
-    out = center_crop_adm(img, resolution)
-    assert out.dtype == np.uint8 and out.shape == (resolution, resolution, 3)
-    np.testing.assert_array_equal(out, reference_center_crop(img, resolution))
+# Expected values below follow guided-diffusion's center_crop_arr as published (image_datasets.py): BOX-halve
+# (floor sizes) while the short side >= 2R, BICUBIC-resize to round(side * R / short), crop at (size - R) // 2.
+# They are worked out by hand from how each input is built, not by running a second implementation.
+def blocks(width: int, height: int, block: int) -> Image.Image:
+    """Constant block x block tiles, colour tile_colour(tile row, tile column): not linear, so that any
+    filter reaching a neighbouring tile changes it."""
+    y, x = np.mgrid[0:height, 0:width] // block
+    return Image.fromarray(tile_colour(y, x))
+
+
+def tile_colour(row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    return np.stack([7 * col**2 % 251, 11 * row**2 % 251, np.zeros_like(col)], -1).astype(np.uint8)
+
+
+def test_center_crop_halves_twice_then_crops_the_middle():
+    # 256x128, R=32: BOX-halve to 128x64, again to 64x32 (short side 32 < 64: stop), scale 1, crop left
+    # (64 - 32) // 2 = 16. Each 4x4 tile halves twice into one pixel: out[i, j] = tile (row i, column j + 16).
+    out = center_crop_adm(blocks(256, 128, 4), 32)
+    rows, cols = np.mgrid[0:32, 0:32]
+    np.testing.assert_array_equal(out, tile_colour(rows, cols + 16))
+
+
+@pytest.mark.parametrize(("width", "height", "left", "top"), [(43, 32, 5, 0), (32, 43, 0, 5), (40, 33, 4, 0)])
+def test_center_crop_offset_rounds_down(width: int, height: int, left: int, top: int):
+    # short side < 2R and scale R/short; (43, 32): scale 1, offset (43 - 32) // 2 = 5, not round(5.5) = 6.
+    # (40, 33): scale 32/33 gives round(38.79) = 39 x 32, offset (39 - 32) // 2 = 3 on the resized image.
+    img = blocks(width, height, 1)
+    out = center_crop_adm(img, 32)
+    assert out.shape == (32, 32, 3)
+    if (width, height) == (40, 33):
+        resized = np.asarray(img.resize((39, 32), resample=Image.BICUBIC))
+        np.testing.assert_array_equal(out, resized[:, 3:35])
+    else:
+        np.testing.assert_array_equal(out, np.asarray(img)[top : top + 32, left : left + 32])
+
+
+def test_center_crop_upsamples_the_short_side_and_crops():
+    # 20x10 (red for x < 5, blue from x = 5), R=32: scale 3.2 -> 64x32, the edge moves to x = 16, crop left
+    # (64 - 32) // 2 = 16: the edge lands on column 0, and beyond bicubic's reach (2 source px = 6.4) all blue.
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :5] = (255, 0, 0)
+    arr[:, 5:] = (0, 0, 255)
+    out = center_crop_adm(Image.fromarray(arr), 32)
+    assert (out[:, 7:] == (0, 0, 255)).all()
+    assert (out[:, 0, 0] > 0).all()  # the red side still reaches the first column
 
 
 def test_center_crop_upsamples_small_images(imagenet_sample: Path):

@@ -26,8 +26,8 @@ JOBS = {
     "jobs.eval_fid": ["--real", "a/", "--fake", "b/"],
     "jobs.eval_sweep": ["--model", "m", "--input", "x/", "--output", "o"],
     "jobs.eval_generate": ["--ar-model", "a", "--model", "m", "--reference-stats", "r.npz", "--output", "o"],
-    "jobs.train_tokenizer": ["--input", "x/", "--storage-path", "s", "--name", "n"],
-    "jobs.train_ar": ["--corpus", "c/", "--storage-path", "s", "--name", "n"],
+    "jobs.train_tokenizer": ["--input", "x/", "--output", "s/n"],
+    "jobs.train_ar": ["--corpus", "c/", "--output", "s/n"],
 }
 
 
@@ -87,7 +87,7 @@ def test_cpu_only_flags_on_a_gpu_cluster_ask_for_no_gpu():
 def test_bad_resource_flags_are_one_line_errors(flag, capsys):
     from jobs.train_ar import main
 
-    assert run_main(main, ["--corpus", "c", "--storage-path", "s", "--name", "n", flag]) == 2
+    assert run_main(main, ["--corpus", "c", "--output", "s/n", flag]) == 2
     err = capsys.readouterr().err
     assert flag.split("=")[0] in err and len(err.strip().splitlines()) == 1
 

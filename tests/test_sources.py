@@ -20,6 +20,7 @@ from pipeline.sources import (
     DUPLICATE_KEY,
     NO_IMAGE,
     NOT_A_FILE,
+    TOO_LARGE,
     UNSAFE_PATH,
     InputError,
     expand_inputs,
@@ -158,6 +159,17 @@ def test_tar_bad_members_become_error_records(tmp_path: Path, imagenet_sample: P
     ]
     assert all(r.data is None and r.error for r in recs if r.error_class)
     assert not (tmp_path.parent / "x.jpg").exists()
+
+
+def test_tar_member_above_the_size_cap_is_an_error_record_and_not_read(tmp_path, imagenet_sample, monkeypatch):
+    import pipeline.sources
+
+    jpg = sample_files(imagenet_sample, 1)[0].read_bytes()
+    monkeypatch.setattr(pipeline.sources, "MAX_MEMBER_BYTES", len(jpg))
+    tar = write_tar(tmp_path / "big.tar", [("a.jpg", jpg), ("big.jpg", jpg + b"x"), ("big.cls", b"1"), ("c.jpg", jpg)])
+    recs = records([str(tar)])
+    assert [(r.key, r.error_class) for r in recs] == [("a", None), ("big", TOO_LARGE), ("c", None)]
+    assert f"has {len(jpg) + 1} bytes (limit {len(jpg)})" in recs[1].error and recs[2].data == jpg
 
 
 def test_tar_member_names_that_are_not_utf8_are_error_records(tmp_path: Path, imagenet_sample: Path):

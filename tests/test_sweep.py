@@ -1,5 +1,6 @@
 """The reconstruction sweep on a tiny FlexTok over real ImageNet photos: outputs, counters, determinism,
-resume after a crash, cached reference statistics, a token-corpus input, and clear errors."""
+resume after a crash, cached reference statistics, an fsspec output, a token-corpus input, clear errors; and the
+driver's bounded read-back of partial results."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import json
 import shutil
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
 
 from flextok.checkpoint import weights_digest
 from jobs.common import JobError
 from pipeline import sweep as S
-from pipeline.fid import FeatureStats, Reference, save_reference
+from pipeline import sweep_results as SR
+from pipeline.fid import FeatureStats, FrechetReference, Reference, low_rank_factor, save_reference
 from pipeline.image_metrics import MAX_PSNR, pixel_metrics
-from pipeline.report import fid_figure
+from pipeline.inception import FEATURE_DIM
+from pipeline.report import MetricOptions, fid_figure, metrics_for_k
 
 N, KS = 8, "1,4,32"
 
@@ -59,8 +66,24 @@ def run(capsys, argv) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def results(output: Path) -> dict:
-    return json.loads((output / "results.json").read_text())
+def results(output: Path | str) -> dict:
+    with fsspec.open(f"{output}/results.json") as f:
+        return json.load(f)
+
+
+def chunk_arrays(partial: Path) -> list[dict]:
+    """Every saved chunk's arrays, in order."""
+    out = []
+    for path in sorted(partial.glob("chunk-*.npz")):
+        with np.load(path) as z:
+            out.append({name: z[name] for name in z.files})
+    return out
+
+
+def torch_fidelity_fid(fake: np.ndarray, real: np.ndarray) -> float:
+    """FID from torch-fidelity's own statistics and formula (scipy's sqrtm: slow beyond a few hundred dims)."""
+    stats = [fid_features_to_statistics(torch.from_numpy(x.astype(np.float64))) for x in (fake, real)]
+    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +100,28 @@ def test_sweep_writes_all_outputs(first_run, tiny_model):
         assert (first_run / name).is_file(), name
     r = results(first_run)
     assert [row["k"] for row in r["per_k"]] == [1, 4, 32]
+    chunks = chunk_arrays(first_run / "partial")
+    real = np.concatenate([c[f"features_{S.REAL}"] for c in chunks])
+    ref = FrechetReference(real.mean(0), np.cov(real, rowvar=False), low_rank_factor(real))
     for row in r["per_k"]:
-        assert row["num_samples"] == N
-        assert row["fid"] > 0 and np.isfinite(row["fid"])
+        assert row["num_samples"] == row["subset_size"] == N  # N <= the feature subset: every image
+        fake = np.concatenate([c[f"features_{row['k']}"] for c in chunks]).astype(np.float64)
+        # the FID of this k's saved features against the originals' (the formula is checked against
+        # torch-fidelity in test_fid.py; torch-fidelity's sqrtm in 2048-d would take minutes here)
+        assert row["fid"] == pytest.approx(ref.distance(fake.mean(0), np.cov(fake, rowvar=False)), rel=1e-6)
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert row["is_mean"] is None  # the converted weights have no classifier ...
         assert 0 < row["psnr"] < MAX_PSNR and -1 <= row["ssim"] <= 1 and row["mse"] > 0
     assert "classifier" in r["is_unavailable"]  # ... and results.json says why
-    assert r["work"] == {
+    work = {k: v for k, v in r["work"].items() if k != "class_counts"}
+    assert work == {
         "images": N,
         "bad_inputs": 0,
         "encoder_calls_per_image": 1.0,
         "real_feature_passes": 1.0,
-        "decodes_per_image": 3,
+        "decodes_per_image": 3.0,  # counted from the stage's rows: one decoder output per (image, k)
     }
+    assert r["feature_subset"]["limit"] == 10_000
     p = r["provenance"]
     assert p["model"]["sha256"] == weights_digest(tiny_model.state_dict())
     assert p["seeds"]["seed"] == 0 and p["settings"]["ks"] == [1, 4, 32] and p["settings"]["timesteps"] == 3
@@ -100,9 +131,9 @@ def test_sweep_writes_all_outputs(first_run, tiny_model):
 
 
 def test_recon_grid_holds_originals_and_every_k(first_run):
-    g = S.gather(S.PartialResults(first_run / "partial", {}, (S.REAL, 1, 4, 32)))
+    g = SR.gather(SR.PartialResults(first_run / "partial", {}, (S.REAL, 1, 4, 32)))
     assert len(g.grid) == 3  # --grid-images 3: the first three inputs
-    assert list(g.grid) == g.keys[:3]
+    assert list(g.grid) == [str(k) for k in chunk_arrays(first_run / "partial")[0]["keys"]][:3]
     for columns in g.grid.values():
         assert sorted(columns) == [S.REAL, 1, 4, 32]
     img = Image.open(first_run / "recon_grid.png")
@@ -126,14 +157,14 @@ def test_resume_after_a_crash_gives_the_same_numbers(
 
     output = tmp_path / "b"
     argv = sweep_argv(tiny_dir, photos, inception_weights, output)
-    write = S.PartialResults.write
+    write = SR.PartialResults.write
 
     def crash_after_first_chunk(self, images, has_logits):
         if self.chunks():
             raise RuntimeError("simulated crash")
         return write(self, images, has_logits)
 
-    monkeypatch.setattr(S.PartialResults, "write", crash_after_first_chunk)
+    monkeypatch.setattr(SR.PartialResults, "write", crash_after_first_chunk)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(argv)
     assert len(list((output / "partial").glob("chunk-*.npz"))) == 1
@@ -150,37 +181,30 @@ def test_resume_after_a_crash_gives_the_same_numbers(
         main([*argv, "--seed", "1"])
 
 
-def test_cached_reference_stats_skip_the_real_images(first_run, tiny_dir, photos, inception_weights, tmp_path, capsys):
-    out = run(
-        capsys,
-        sweep_argv(
-            tiny_dir,
-            photos,
-            inception_weights,
-            tmp_path / "c",
-            "--reference-stats",
-            str(first_run / "reference_stats.npz"),
-        ),
-    )
+def test_cached_reference_stats_skip_the_real_images_and_any_fsspec_url_takes_the_output(
+    first_run, tiny_dir, photos, inception_weights, capsys
+):
+    output = "memory://sweeps/c"  # not the driver's disk: results and partial chunks go to the URL
+    ref = str(first_run / "reference_stats.npz")
+    out = run(capsys, sweep_argv(tiny_dir, photos, inception_weights, output, "--reference-stats", ref))
     assert out["work"]["real_feature_passes"] == 0.0
     assert out["work"]["encoder_calls_per_image"] == 1.0
-    assert out["per_k"] == results(first_run)["per_k"]
-    assert not (tmp_path / "c" / "reference_stats.npz").exists()
+    assert out["per_k"] == results(first_run)["per_k"] == results(output)["per_k"]
+    fs = fsspec.filesystem("memory")
+    assert len(fs.glob("/sweeps/c/partial/chunk-*.npz")) == 3  # 8 images in chunks of 3
+    assert not fs.exists("/sweeps/c/reference_stats.npz")
 
 
 def test_sweep_over_a_token_corpus_matches_the_image_sweep(
     first_run, tiny_dir, photos, inception_weights, tmp_path, capsys
 ):
-    """Pretokenized tokens decode to the same images as tokens made in the sweep (same keys, same noise)."""
+    """Pretokenized tokens decode to the same images as tokens made in the sweep (same keys, same noise). The
+    corpus holds two views per image (flip): the sweep scores the un-augmented one, once per image."""
     from jobs.pretokenize import main as pretokenize
 
     corpus = tmp_path / "corpus"
-    assert (
-        pretokenize(
-            ["--model", str(tiny_dir), "--input", str(photos), "--output", str(corpus), "--cpus-per-worker", "0.5"]
-        )
-        == 0
-    )
+    argv = ["--model", str(tiny_dir), "--input", str(photos), "--output", str(corpus), "--augment", "flip"]
+    assert pretokenize([*argv, "--cpus-per-worker", "0.5"]) == 0
     capsys.readouterr()
     out = run(
         capsys,
@@ -194,6 +218,7 @@ def test_sweep_over_a_token_corpus_matches_the_image_sweep(
         ),
     )
     assert out["work"]["encoder_calls_per_image"] == 0.0 and out["work"]["real_feature_passes"] == 0.0
+    assert out["work"]["images"] == N
     fresh = {row["k"]: row for row in results(first_run)["per_k"]}
     for row in out["per_k"]:
         assert row["psnr"] is None  # no originals in a corpus
@@ -218,7 +243,23 @@ def test_bad_inputs_are_clear_errors_before_any_work(ray_session, tiny_dir, phot
         main([*sweep_argv(tiny_dir, photos, inception_weights, out), "--reference-stats", str(other)])
     with pytest.raises(JobError, match="--isc.*classifier"):
         main([*sweep_argv(tiny_dir, photos, inception_weights, out), "--isc"])
+    config = tmp_path / "sweep.yaml"
+    config.write_text("ks: [1, 33]\n")  # a YAML list is parsed like "1,33"
+    argv = sweep_argv(tiny_dir, photos, inception_weights, out)
+    argv = [a for a in argv if a not in ("--ks", KS)]
+    with pytest.raises(JobError, match=r"--ks: k=\[33\] outside"):
+        main([*argv, "--config", str(config)])
     assert not out.exists()  # nothing was written
+
+
+def test_token_counts_from_a_flag_or_a_yaml_list():
+    assert S.parse_ks("1,2, 4") == S.parse_ks([1, 2, 4]) == S.parse_ks(["1", "2", "4"]) == [1, 2, 4]
+    assert S.parse_ks(8) == [8]
+    for bad in ("1,x", [1.5], "1;2", True):
+        with pytest.raises(ValueError, match="integers like 1,2,4") as e:
+            S.parse_ks(bad)
+        assert "--" not in str(e.value)  # the library does not name flags; the jobs do
+    assert S.check_ks([4, 1, 4], 32) == (1, 4)
 
 
 def test_pixel_metrics():
@@ -233,36 +274,141 @@ def test_pixel_metrics():
     assert ssim[1] < 0  # an inverted image anti-correlates
 
 
-def test_noise_depends_on_seed_key_and_k_only(tiny_model):
+def test_noise_depends_on_seed_and_key_only(tiny_model):
     a = S.initial_noise(tiny_model, 0, [("x", 1), ("y", 4)])
     b = S.initial_noise(tiny_model, 0, [("y", 4)])
     assert a.shape == (2, 48, 8, 8)
     assert np.array_equal(a[1].numpy(), b[0].numpy())
     assert not np.array_equal(S.initial_noise(tiny_model, 1, [("y", 4)]).numpy(), b.numpy())
-    assert not np.array_equal(S.initial_noise(tiny_model, 0, [("y", 2)]).numpy(), b.numpy())
+    assert not np.array_equal(S.initial_noise(tiny_model, 0, [("x", 4)]).numpy(), b.numpy())
+    # every k of an image starts from the same noise: a grid row is one image gaining detail
+    assert np.array_equal(S.initial_noise(tiny_model, 0, [("y", 2)]).numpy(), b.numpy())
 
 
 def test_metrics_per_k_with_a_classifier_and_an_adm_reference():
     """IS appears when the features came with logits; an ADM-style reference (mu/sigma only) gives FID and says
     precision/recall are unavailable."""
     rng = np.random.default_rng(0)
-    feats = rng.random((12, 2048)).astype(np.float32)
+    feats = rng.random((12, 64)).astype(np.float32)  # 64-d: torch-fidelity's sqrtm stays fast
     logits = rng.standard_normal((12, 1008)).astype(np.float32)
-    g = S.Gathered(
-        keys=[f"k{i}" for i in range(12)],
-        labels=np.zeros(12, np.int64),
-        errors=[],
-        encode_calls=12,
-        real_feature_passes=0,
-        stats={4: FeatureStats.of(feats)},
-        features={4: feats},
-        logits={4: logits},
-        pixels={4: {m: np.ones(12) for m in ("mse", "psnr", "ssim")}},
-        grid={},
-    )
-    ref_stats = FeatureStats.of(rng.random((30, 2048)))
+    s = SR.PerK(FeatureStats.empty(64), SR.Subset(100, dim=64))
+    s.add(SR.key_priority(0, [f"k{i}" for i in range(12)]), feats, logits, {m: np.ones(12) for m in SR.PIXEL_METRICS})
+    real = rng.random((30, 64))
+    ref_stats = FeatureStats.of(real)
     adm = Reference(ref_stats.mu, ref_stats.sigma, None, None, None, "VIRTUAL_imagenet256_labeled.npz")
-    row = S.metrics_for_k(g, 4, adm, S.MetricOptions(prc=True))
-    assert row["fid"] > 0 and row["is_mean"] > 1 and row["psnr"] == 1.0
+    row = metrics_for_k(s, 4, adm, MetricOptions(prc=True))
+    assert row["fid"] == pytest.approx(torch_fidelity_fid(feats, real), rel=1e-6)
+    assert row["is_mean"] == isc_features_to_metric(torch.from_numpy(logits))["inception_score_mean"]
+    assert row["psnr"] == 1.0 and row["subset_size"] == 12
     assert "precision" not in row and "mu/sigma only" in row["prc_unavailable"]
-    assert S.is_unavailable_reason(g) is None
+
+
+# ------------------------------------------------------------------------------------------ bounded read-back
+def image_results(n: int, groups: tuple[int, ...], start: int = 0) -> list[SR.ImageResult]:
+    """n synthetic finished images (features 2048-d, seeded by the image index) for PartialResults.write."""
+    out = []
+    for i in range(start, start + n):
+        r = SR.ImageResult(f"img-{i:05d}", i % 3, encode_calls=1, decode_calls=len(groups))
+        for k in groups:
+            f = np.random.default_rng(i * 100 + k).random(FEATURE_DIM).astype(np.float32)
+            r.rows[k] = {"features": f, "logits": None, "png": b"", "mse": 1.0, "psnr": 2.0, "ssim": 0.5}
+        out.append(r)
+    return out
+
+
+def written(url: str, n: int, chunk: int, groups=(1, 4)) -> SR.PartialResults:
+    partial = SR.PartialResults(url, {"test": n}, groups)
+    partial.open()
+    for start in range(0, n, chunk):
+        partial.write(image_results(min(chunk, n - start), groups, start), has_logits=False)
+    return partial
+
+
+def gathered_nbytes(g: SR.Gathered) -> int:
+    """What the driver holds per k after reading every chunk back: statistics and the feature subset."""
+    return sum(s.subset.nbytes + s.stats.sum.nbytes + s.stats.outer.nbytes for s in g.per_k.values())
+
+
+def test_gathered_state_does_not_grow_with_the_number_of_images():
+    small = SR.gather(written("memory://bounded/small", 40, chunk=16), subset_size=24)
+    large = SR.gather(written("memory://bounded/large", 400, chunk=16), subset_size=24)
+    assert (small.images, large.images) == (40, 400)
+    assert large.per_k[4].stats.n == 400 and len(large.per_k[4].subset.features) == 24
+    assert gathered_nbytes(small) == gathered_nbytes(large)
+
+
+def test_feature_subset_is_every_image_up_to_its_size_and_otherwise_independent_of_chunking():
+    partial = written("memory://subset/a", 30, chunk=7)
+    all_features = np.stack([r.rows[4]["features"] for r in image_results(30, (1, 4))])
+    whole = SR.gather(partial, subset_size=30).per_k[4]
+    np.testing.assert_array_equal(whole.subset.features, all_features)  # N <= size: all, in input order
+    assert whole.subset.complete
+    sampled = SR.gather(partial, subset_size=10).per_k[4].subset
+    rechunked = SR.gather(written("memory://subset/b", 30, chunk=11), subset_size=10).per_k[4].subset
+    np.testing.assert_array_equal(sampled.features, rechunked.features)
+    assert len(sampled.features) == 10 and not sampled.complete
+    other_k = SR.gather(partial, subset_size=10).per_k[1].subset  # the same images for every k
+    np.testing.assert_array_equal(other_k.priority, sampled.priority)
+    assert SR.gather(partial, subset_size=10, seed=1).per_k[4].subset.priority.tolist() != sampled.priority.tolist()
+
+
+def test_partial_results_resume_only_with_the_same_settings():
+    partial = written("memory://resume/a", 5, chunk=5)
+    assert SR.PartialResults("memory://resume/a", {"test": 5}, (1, 4)).done_keys() == {f"img-{i:05d}" for i in range(5)}
+    with pytest.raises(SR.ResumeMismatchError, match=r"differs in \['test'\]"):
+        SR.PartialResults(partial.url, {"test": 6}, (1, 4)).open()
+
+
+class Rows:
+    """A stand-in for a Ray Dataset of stage rows (Collector only iterates batches)."""
+
+    def __init__(self, keys: list[str], ks: tuple[int, ...]):
+        n = len(keys) * len(ks)
+        self.batch = {
+            "key": np.array([key for key in keys for _ in ks], object),
+            "label": np.zeros(n, np.int64),
+            "k": np.array(list(ks) * len(keys), np.int16),
+            "png": np.array([b""] * n, object),
+            "features": np.zeros((n, FEATURE_DIM), np.float32),
+            "encode_calls": np.zeros(n, np.int32),
+            "decode_calls": np.ones(n, np.int32),
+            "feature_pass": np.ones(n, np.int8),
+            **{m: np.zeros(n) for m in SR.PIXEL_METRICS},
+        }
+
+    def iter_batches(self, **_):
+        yield self.batch
+
+
+def test_collector_refuses_a_key_twice_and_skips_images_an_earlier_run_finished():
+    partial = written("memory://collector/a", 2, chunk=2)  # img-00000, img-00001 done
+    c = SR.Collector(partial, (1, 4), chunk_images=10)
+    c.consume(Rows(["img-00001", "img-00002"], (1, 4)))  # a resumed generation group re-emits img-00001
+    assert c.images_this_run == 1
+    with pytest.raises(ValueError, match="'img-00003' appears again"):
+        SR.Collector(partial, (1, 4), chunk_images=10).consume(Rows(["img-00003", "img-00003"], (1, 4)))
+
+
+def test_a_corpus_sweep_scores_the_unaugmented_view_or_refuses(ray_session):
+    import ray
+
+    rows = [{"key": key, "aug": aug} for key in ("a", "b") for aug in (0, 1)]
+    kept = S.center_views(ray.data.from_items(rows), "flip").take_all()
+    assert sorted((r["key"], r["aug"]) for r in kept) == [("a", 0), ("b", 0)]
+    for augment in ("tencrop", "random-flip"):
+        with pytest.raises(ValueError, match=f"augment '{augment}'.*aug 0"):
+            S.center_views(ray.data.from_items(rows), augment)
+
+
+def test_decodes_per_image_counts_the_decoder_outputs(tiny_dir):
+    """The stage marks each image the decoder returned; the count equals what detokenize was asked for."""
+    stage = S.ReconstructStage(str(tiny_dir), (1, 4, 32), {"timesteps": 1, "decode_batch": 4}, [], True)
+    asked = []
+    detokenize = stage.model.detokenize
+    stage.model.detokenize = lambda prefixes, *a, **kw: asked.append(len(prefixes)) or detokenize(prefixes, *a, **kw)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = {"key": np.array(["x", "y", "bad"], object), "image": images, "error": np.array(["", "", "E: x"], object)}
+    out = stage(batch)
+    assert sum(asked) == 2 * 3  # two good images x three k's, in batches of 4
+    assert out["decode_calls"].sum() == sum(asked)
+    assert out["decode_calls"][out["k"] <= S.REAL].sum() == 0  # originals and errors are not decoder outputs

@@ -185,6 +185,12 @@ def test_token_collate_rejects_labels_beyond_the_model():
         TokenCollate(null_class=10, max_tokens=2)(corpus_rows([[1, 2, 3]], [3]))
 
 
+def test_token_collate_rejects_a_label_equal_to_the_class_count():
+    """Label num_classes is the null (unconditional) class: a corpus row must not train it."""
+    with pytest.raises(ValueError, match="'k1' has label 10"):
+        TokenCollate(null_class=10, max_tokens=4)(corpus_rows([[1], [2]], [9, 10]))
+
+
 def test_image_collate_scales_to_model_input():
     from ray.data.extensions import ArrowTensorArray
 
@@ -242,6 +248,16 @@ def test_dinov2_teacher_loads_a_local_hub_checkout(tmp_path):
         DINOv2Teacher(str(tmp_path / "nowhere"), str(tmp_path / "w.pth"))
 
 
+def test_dinov2_teacher_refuses_a_hubconf_outside_the_given_folder(tmp_path):
+    """torch.hub.load(source="local") runs hubconf.py: one that resolves outside the checkout is refused."""
+    (tmp_path / "elsewhere.py").write_text("raise SystemExit('must not run')\n")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "hubconf.py").symlink_to(tmp_path / "elsewhere.py")
+    torch.save({}, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="outside"):
+        DINOv2Teacher(str(tmp_path / "repo"), str(tmp_path / "w.pth"))
+
+
 def test_repa_gradients_reach_projector_and_decoder():
     torch.manual_seed(0)
     objective = TokenizerObjective(preset("tiny"), teacher_dim=16, repa_weight=1.0)
@@ -273,16 +289,17 @@ def test_projector_shapes():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--storage-path", "x", "--name", "n"], "--input is required"),
-        (["--input", "d", "--name", "n"], "--storage-path is required"),
-        (["--input", "d", "--storage-path", "x", "--name", "n", "--preset", "d12_d12"], "--vae-weights"),
-        (["--input", "d", "--storage-path", "x", "--name", "n", "--preset", "huge"], "unknown preset"),
+        (["--output", "x"], "--input is required"),
+        (["--input", "d"], "--output is required"),
+        (["--input", "d", "--output", "s3://bucket"], "folder for the run under the bucket"),
+        (["--input", "d", "--output", "x", "--preset", "d12_d12"], "--vae-weights"),
+        (["--input", "d", "--output", "x", "--preset", "huge"], "unknown preset"),
         (
-            ["--input", "d", "--storage-path", "x", "--name", "n", "--batch-size", "30", "--workers", "4"],
+            ["--input", "d", "--output", "x", "--batch-size", "30", "--workers", "4"],
             "multiple",
         ),
         (
-            ["--input", "d", "--storage-path", "x", "--name", "n", "--repa-weight", "1", "--repa-layer", "9"],
+            ["--input", "d", "--output", "x", "--repa-weight", "1", "--repa-layer", "9"],
             "repa-layer",
         ),
     ],
@@ -300,9 +317,9 @@ def test_ar_job_argument_errors(tmp_path, capsys):
     from jobs.common import run_main
     from jobs.train_ar import main
 
-    assert run_main(main, ["--storage-path", "x", "--name", "n"]) == 2
+    assert run_main(main, ["--output", "x"]) == 2
     assert "--corpus is required" in capsys.readouterr().err
-    assert run_main(main, ["--corpus", str(tmp_path), "--storage-path", "x", "--name", "n"]) == 2
+    assert run_main(main, ["--corpus", str(tmp_path), "--output", "x"]) == 2
     assert "not a flextok corpus" in capsys.readouterr().err
 
 
@@ -317,7 +334,7 @@ def test_loop_in_local_mode_checkpoints_model_ema_and_optimizer(ray_session, tmp
     rows = corpus_rows([[i % 7, (i * 3) % 11, 5, 1] for i in range(64)], [i % 10 for i in range(64)])
     cfg = LoopConfig(steps=4, batch_size=8, grad_accum=2, lr=1e-2, checkpoint_every=2, log_every=1, ema_decay=0.5)
     task = ARTask(model=ar_preset("tiny", num_classes=10, max_tokens=4, vocab_size=16).to_dict())
-    result = run_training(task, cfg, ray.data.from_arrow(rows), Scaling(workers=0), Run(str(tmp_path), "local"))
+    result = run_training(task, cfg, ray.data.from_arrow(rows), Scaling(workers=0), Run(str(tmp_path / "local")))
     assert result.error is None
     folder = Path(result.checkpoint.path)
     model, ema = ARModel.from_pretrained(folder / "model"), ARModel.from_pretrained(folder / "ema")

@@ -74,7 +74,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer_run(runs: Path, imagenet_sample: Path) -> Path:
     rc = train_tokenizer(
-        *("--input", str(imagenet_sample), "--storage-path", str(runs), "--name", "tok"),
+        *("--input", str(imagenet_sample), "--output", str(runs / "tok")),
         *("--workers", "2", "--cpus-per-worker", "0.5", "--steps", str(TOKENIZER_STEPS)),
     )
     assert rc == 0
@@ -121,7 +121,7 @@ def test_tokenizer_checkpoints_load_with_from_pretrained(tokenizer_run):
 def corpus(tokenizer_run, imagenet_sample, tmp_path_factory) -> Path:
     """The sample tokenized by the trained tokenizer (and its horizontal flips), in the corpus format."""
     from flextok.checkpoint import weights_digest
-    from pipeline.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
+    from pipeline.corpus import CorpusMeta, tokens_table, write_table_corpus
     from pipeline.preprocess import PREPROCESSING
 
     model = FlexTok.from_pretrained(latest_checkpoint(tokenizer_run) / "ema")
@@ -140,10 +140,7 @@ def corpus(tokenizer_run, imagenet_sample, tmp_path_factory) -> Path:
     keys = [f"img{i:03d}" for i in range(250)] * 2
     table = tokens_table(keys, labels * 2, tokens, ["sample"] * 500, [0] * 250 + [1] * 250)
     out = tmp_path_factory.mktemp("corpus")
-    fs, root = output_fs(str(out))
-    marker = {"url": "sample", "kind": "folder", "index": 0, "read": 250, "failed": 0, "errors": []}
-    markers = {"sample": commit_unit(fs, root, "sample", table, meta, 100_000, marker)}
-    write_summary(fs, root, markers, meta)
+    write_table_corpus(str(out), {"sample": table}, meta)
     return out
 
 
@@ -161,7 +158,7 @@ AR_ARGS = ("--workers", "1", "--steps", str(AR_STEPS), "--checkpoint-every", str
 
 @pytest.fixture(scope="module")
 def ar_run(corpus, runs) -> Path:
-    rc = train_ar("--corpus", str(corpus), "--storage-path", str(runs), "--name", "ar", "--preserve-order", *AR_ARGS)
+    rc = train_ar("--corpus", str(corpus), "--output", str(runs / "ar"), "--preserve-order", *AR_ARGS)
     assert rc == 0
     return runs / "ar"
 
@@ -204,7 +201,7 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_stopped_run_resumes_to_the_same_parameters(ar_run, corpus, runs):
     """Stop half way, run the same command again: the result equals the uninterrupted run's, bit for bit."""
-    args = ("--corpus", str(corpus), "--storage-path", str(runs), "--name", "ar-resumed", "--preserve-order")
+    args = ("--corpus", str(corpus), "--output", str(runs / "ar-resumed"), "--preserve-order")
     assert train_ar(*args, *AR_ARGS, "--stop-after", str(AR_STEPS // 2)) == 0
     assert latest_checkpoint(runs / "ar-resumed").name == f"checkpoint_{AR_STEPS // 2:08d}"
     assert train_ar(*args, *AR_ARGS) == 0
@@ -241,7 +238,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(corpus, runs):
     from that checkpoint and finishes."""
     steps, every = 30, 10
     run = runs / "ar-killed"
-    argv = ("--corpus", str(corpus), "--storage-path", str(runs), "--name", "ar-killed", "--strategy", "fsdp")
+    argv = ("--corpus", str(corpus), "--output", str(run), "--strategy", "fsdp")
     argv += ("--workers", "2", "--cpus-per-worker", "0.5", "--steps", str(steps), "--batch-size", "16")
     argv += ("--checkpoint-every", str(every), "--log-every", "5", "--max-failures", "2")
     result: dict[str, int] = {}

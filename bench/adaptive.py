@@ -1,0 +1,249 @@
+"""Rate against quality of adaptive token budgets vs fixed k, on a tokenizer's held-out photos.
+
+    python bench/adaptive.py --model models/flextok-small --output /tmp/adaptive      # results.json + rate.png
+    python bench/adaptive.py --model runs/tokenizer-small/checkpoint_000NNNNN/ema --targets 20,22,24 --limit 16
+
+1. Every photo is decoded at every rung of the ladder from its own noise (seed + i, the same for every k):
+   a table of PSNR [N, L] (and Inception cosine distance with --inception). From it: how often quality is not
+   monotone in k, and fixed k's mean tokens / mean PSNR.
+2. For each target, the search (pipeline.adaptive.bisect_ladder, the code the pretokenize job runs) replays on
+   that table: chosen k, misses, decodes per image; also how often it differs from the exhaustive smallest k.
+3. `--live` repeats one target's search for real (mixed-k decode calls) and checks it picks the same k's.
+4. Fixed k = round(adaptive's mean tokens) is decoded for every target: the equal-tokens comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flextok import FlexTok  # noqa: E402
+from pipeline.adaptive import (  # noqa: E402
+    Criterion,
+    Decoding,
+    PSNRScorer,
+    bisect_ladder,
+    decode_prefixes,
+    image_noise,
+    make_scorer,
+    max_decodes,
+    non_monotone,
+    parse_ladder,
+    score_every_k,
+    search_lengths,
+    smallest_meeting,
+)
+
+sys.path.insert(0, str(REPO / "bench"))
+from small_model import load_photos  # noqa: E402
+
+
+def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
+    """The search run against a table of scores [N, L] instead of the decoder."""
+    column = {k: j for j, k in enumerate(ladder)}
+    return bisect_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
+
+
+def adaptive_point(psnr: np.ndarray, table: np.ndarray, ladder: list[int], criterion: Criterion) -> dict:
+    result = replay(table, ladder, criterion)
+    exhaustive_k, _ = smallest_meeting(table, ladder, criterion)
+    cols = np.searchsorted(ladder, result.k)
+    chosen_psnr = psnr[np.arange(len(psnr)), cols]
+    return {
+        "criterion": criterion.name,
+        "target": criterion.target,
+        "mean_tokens": float(result.k.mean()),
+        "mean_psnr": float(chosen_psnr.mean()),
+        "missed": int(result.missed.sum()),
+        "met_fraction": float(1 - result.missed.mean()),
+        "k_histogram": {int(k): int((result.k == k).sum()) for k in ladder},
+        "decodes_mean": float(result.decodes.mean()),
+        "decodes_max": int(result.decodes.max()),
+        "differs_from_exhaustive": int((result.k != exhaustive_k).sum()),
+        "extra_tokens_vs_exhaustive": float((result.k - exhaustive_k).mean()),
+        "k": result.k.tolist(),
+    }
+
+
+def equal_slope_points(psnr: np.ndarray, ladder: list[int], lambdas: list[float]) -> list[dict]:
+    """Oracle reference, not a search: per image the k maximising PSNR_i(k) - lam * k over the whole decoded
+    table (every rung decoded), i.e. tokens go where they buy the most dB. Shows what a per-image allocation
+    could reach at equal mean tokens; the search cannot do this with its ceil(log2 L) + 1 decodes."""
+    ks = np.asarray(ladder, np.float64)
+    points = []
+    for lam in lambdas:
+        cols = np.argmax(psnr - lam * ks[None], axis=1)  # [N]
+        chosen = psnr[np.arange(len(psnr)), cols]
+        points.append({"lambda": lam, "mean_tokens": float(ks[cols].mean()), "mean_psnr": float(chosen.mean())})
+    return points
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = sorted(results["fixed"], key=lambda r: r["k"])
+    ax.plot([r["k"] for r in fixed], [r["mean_psnr"] for r in fixed], "o-", color="gray", label="fixed k")
+    for name, marker in (("psnr", "s"), ("inception", "^")):
+        pts = [p for p in results["adaptive"] if p["criterion"] == name]
+        if pts:
+            ax.plot([p["mean_tokens"] for p in pts], [p["mean_psnr"] for p in pts], marker, label=f"adaptive ({name})")
+            for p in pts:
+                ax.annotate(f"{p['target']:g}", (p["mean_tokens"], p["mean_psnr"]), fontsize=7)
+    oracle = results.get("equal_slope_oracle") or []
+    if oracle:
+        ax.plot([p["mean_tokens"] for p in oracle], [p["mean_psnr"] for p in oracle], ".:", label="equal-slope oracle")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean tokens per image")
+    ax.set_ylabel("mean PSNR (dB)")
+    ax.set_title(f"{results['photos']} held-out photos, {results['timesteps']} decoder steps")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    shared = Path(os.environ.get("FLEXTOK_SHARED", REPO.parent / "shared"))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(REPO / "models" / "flextok-small"))
+    p.add_argument("--images", default=str(shared / "data" / "imagenet-sample"), help="photo folder")
+    p.add_argument("--list", default=str(REPO / "models" / "flextok-small" / "heldout.csv"), help="CSV of photos")
+    p.add_argument("--output", default="out/adaptive", help="folder for results.json and rate.png")
+    p.add_argument("--ladder", help="comma-separated k's (default: powers of two up to the registers)")
+    p.add_argument("--targets", help="PSNR targets in dB, comma-separated (default: k=max's mean -4,-2,-1,0,+1)")
+    p.add_argument("--inception", help="also Inception cosine-distance targets, comma-separated (slow on CPU)")
+    p.add_argument(
+        "--live",
+        help="run this PSNR target's search for real (mixed-k decodes) and compare with the "
+        "replay; 'auto': the middle target",
+    )
+    p.add_argument("--timesteps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--limit", type=int, help="first N photos only")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = FlexTok.from_pretrained(args.model, map_location=device).float().eval()
+    photos = load_photos(Path(args.images), Path(args.list), model.cfg.image_size, args.limit)
+    ladder = parse_ladder(args.ladder, model.num_registers)
+    dec = Decoding(timesteps=args.timesteps, guidance_scale=args.guidance_scale)
+    seeds = [args.seed + i for i in range(len(photos))]
+    scorers = [PSNRScorer()]
+    if args.inception:
+        scorers.append(make_scorer(Criterion("inception", 0.0), device=device))
+    start = time.perf_counter()
+    tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=lambda m: print(m, flush=True))
+    psnr = tables[0]
+    print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
+
+    mean_max = float(psnr[:, -1].mean())
+    targets = (
+        [float(t) for t in args.targets.split(",")]
+        if args.targets
+        else [round(2 * (mean_max + d)) / 2 for d in (-4, -2, -1, 0, 1)]
+    )
+    criteria = [Criterion("psnr", t) for t in targets]
+    if args.inception:
+        criteria += [Criterion("inception", float(t)) for t in args.inception.split(",")]
+    adaptive = []
+    for c in criteria:
+        table = psnr if c.name == "psnr" else tables[1]
+        adaptive.append(adaptive_point(psnr, table, ladder, c))
+
+    # Fixed k at every rung, then at round(mean tokens) of each adaptive point (same photos, same noise).
+    fixed = {k: float(psnr[:, j].mean()) for j, k in enumerate(ladder)}
+    noise = image_noise(model, seeds)
+    idx = np.arange(len(photos))
+    for point in adaptive:
+        k = int(round(point["mean_tokens"]))
+        if k not in fixed:
+            recon = decode_prefixes(model, tokens, idx, np.full(len(photos), k), noise, dec)
+            fixed[k] = float(PSNRScorer()(photos, recon).mean())
+        point["fixed_k_equal_tokens"] = k
+        point["fixed_psnr_equal_tokens"] = fixed[k]
+        point["gain_db_vs_fixed_equal_tokens"] = point["mean_psnr"] - fixed[k]
+        point["gap_db_vs_fixed_max"] = fixed[ladder[-1]] - point["mean_psnr"]
+        point["tokens_ratio_vs_fixed_max"] = point["mean_tokens"] / ladder[-1]
+        point["goal_met"] = point["gap_db_vs_fixed_max"] <= 0.5 and point["tokens_ratio_vs_fixed_max"] <= 0.6
+
+    live = None
+    if args.live is not None:
+        crit = Criterion("psnr", targets[len(targets) // 2] if args.live == "auto" else float(args.live))
+        t0 = time.perf_counter()
+        _, result = search_lengths(model, photos, crit, ladder, PSNRScorer(), seeds, dec, tokens=tokens)
+        replayed = replay(psnr, ladder, crit)
+        live = {
+            "target": crit.target,
+            "seconds": time.perf_counter() - t0,
+            "same_k": int((result.k == replayed.k).sum()),
+            "decodes_total": int(result.decodes.sum()),
+            "decodes_max": int(result.decodes.max()),
+            "mean_tokens": float(result.k.mean()),
+            "missed": int(result.missed.sum()),
+        }
+
+    results = {
+        "model": args.model,
+        "photos": len(photos),
+        "timesteps": args.timesteps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "ladder": ladder,
+        "decode_bound_per_image": max_decodes(len(ladder)),
+        "non_monotone_psnr": {
+            "any_drop": int(non_monotone(psnr, Criterion("psnr", 0)).sum()),
+            "drop_over_0.5dB": int(non_monotone(psnr, Criterion("psnr", 0), 0.5).sum()),
+        },
+        "psnr_table": np.round(psnr, 3).tolist(),
+        "fixed": [{"k": k, "mean_tokens": k, "mean_psnr": v} for k, v in sorted(fixed.items())],
+        "adaptive": adaptive,
+        "equal_slope_oracle": equal_slope_points(psnr, ladder, [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]),
+        "live_search": live,
+    }
+    if args.inception:
+        results["non_monotone_inception"] = {"any_rise": int(non_monotone(tables[1], Criterion("inception", 0)).sum())}
+        results["inception_table"] = np.round(tables[1], 5).tolist()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / "rate.png")
+
+    print(
+        f"{args.model}: {len(photos)} photos, ladder {ladder}, {args.timesteps} steps, guidance {args.guidance_scale}"
+    )
+    nm = results["non_monotone_psnr"]
+    print(f"PSNR not monotone in k: {nm['any_drop']}/{len(photos)} photos ({nm['drop_over_0.5dB']} by > 0.5 dB)")
+    print("| fixed k | mean PSNR |\n|---:|---:|")
+    for r in results["fixed"]:
+        print(f"| {r['k']} | {r['mean_psnr']:.2f} |")
+    print("\n| target | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR | missed | decodes max | goal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for a in adaptive:
+        print(
+            f"| {a['criterion']}:{a['target']:g} | {a['mean_tokens']:.2f} | {a['mean_psnr']:.2f} | "
+            f"{a['fixed_k_equal_tokens']} | {a['fixed_psnr_equal_tokens']:.2f} | {a['missed']} | "
+            f"{a['decodes_max']} | {'yes' if a['goal_met'] else 'no'} |"
+        )
+    if live:
+        print(f"\nlive search psnr:{live['target']:g}: same k as the replay for {live['same_k']}/{len(photos)} photos")
+    print(f"-> {out / 'results.json'}, {out / 'rate.png'}")
+
+
+if __name__ == "__main__":
+    main()

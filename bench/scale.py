@@ -1,0 +1,418 @@
+"""Scale bench: does the pipeline's cost stay linear in time and flat in driver memory as N grows?
+
+    .venv/bin/python bench/scale.py --quick      # smallest sizes (< 3 min on 2 cores); exit 1 if driver memory grows
+    .venv/bin/python bench/scale.py              # pretokenize 10k, 100k, 1.28M; sweep 5k, 50k; corpus readers 1.28M
+    .venv/bin/python bench/scale.py --pretokenize 10000,100000 --sweep 5000 --corpus-rows 0
+
+The real pipeline code runs end to end: webdataset sources (pipeline.sources: tar streams, image decoding,
+ADM crop), pretokenization (pipeline.pretokenize: read tasks, an actor pool, the driver's per-shard gather and
+commits, the manifest), the reconstruction sweep as jobs/eval_sweep.py composes it (image_dataset ->
+ReconstructStage -> Inception stage -> sweep.Collector -> partial chunks -> sweep.gather -> report.summarize),
+and the corpus readers (read_corpus, CorpusDataset). Only the neural networks are stand-ins, so that the
+bench measures the pipeline and not the models:
+
+- StandInTokenizer: tokens = blake2b(image bytes), cut into K uint16 ids mod the codebook size.
+- StandInDecoder: "decodes" a token prefix to its input, the initial noise (latent = image at the stand-in's
+  resolution); the real per-(image, k) noise draws, batching, uint8 conversion and pixel metrics all run.
+- StandInInception: 2048 features = a fixed random projection of the 8x8-average-pooled image (no logits).
+
+Input records are made on the fly: `synth://bench/<shard>-<count>.tar` is an fsspec file system (registered in
+every Ray worker) whose files are webdataset tars of `count` small JPEGs with .cls labels, built when opened.
+
+Per N it prints wall time, rows/s, the driver's peak RSS (sampled every 0.1 s, minus its RSS before the first
+size: what the driver holds for the work), the object store's peak use (sampled cluster-wide), and the files
+written. "Driver memory grows with N" means: at the largest N the driver's peak exceeds the smallest N's by
+more than 25% + 64 MiB; --quick exits 1 when that happens for either job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import resource
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.spec import AbstractFileSystem
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.features import InceptionStage, ordered_execution  # noqa: E402
+from pipeline.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize  # noqa: E402
+from pipeline.sweep import ReconstructStage  # noqa: E402
+
+RESOLUTION = 32  # the stand-in tokenizer's image size (the `tiny` preset's)
+NUM_TOKENS = 32
+SHARD_RECORDS = 1000
+KS = (1, 2, 4, 8, 12, 16, 20, 24, 32)  # nine token counts
+GROWTH_TOLERANCE = (1.25, 64 * 2**20)  # factor, bytes
+FULL = {"pretokenize": [10_000, 100_000, 1_280_000], "sweep": [5_000, 50_000], "corpus_rows": 1_280_000}
+QUICK = {"pretokenize": [2_000, 10_000], "sweep": [500, 2_000], "corpus_rows": 0}
+
+
+# ------------------------------------------------------------------------------------------ synthetic input
+@lru_cache(maxsize=64)
+def template_jpeg(i: int) -> bytes:
+    """A small JPEG of smooth random colour (64 templates; records cycle through them)."""
+    rng = np.random.default_rng(i)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((RESOLUTION + 8, RESOLUTION + 8), Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def synthetic_tar(shard: int, count: int) -> bytes:
+    """A webdataset tar of `count` samples: <key>.jpg and <key>.cls."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(count):
+            key = f"{shard:07d}-{i:05d}"
+            for ext, data in (("jpg", template_jpeg((shard * count + i) % 64)), ("cls", str(i % 1000).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class SyntheticShards(AbstractFileSystem):
+    """fsspec file system `synth://bench/<shard>-<count>.tar`: the file's bytes are made when it is opened."""
+
+    protocol = "synth"
+
+    def info(self, path, **kwargs):
+        path = self._strip_protocol(path)
+        return {"name": path, "size": 0, "type": "file" if path.endswith(".tar") else "directory"}
+
+    def _open(self, path, mode="rb", **kwargs):
+        shard, count = Path(self._strip_protocol(path)).stem.split("-")
+        return io.BytesIO(synthetic_tar(int(shard), int(count)))
+
+
+def register_synthetic() -> None:
+    """Make synth:// known in this process (a Ray worker_process_setup_hook)."""
+    fsspec.register_implementation("synth", SyntheticShards, clobber=True)
+
+
+def synthetic_urls(n: int) -> list[str]:
+    return [
+        f"synth://bench/{s:07d}-{min(SHARD_RECORDS, n - s * SHARD_RECORDS)}.tar" for s in range(-(-n // SHARD_RECORDS))
+    ]
+
+
+# ------------------------------------------------------------------------------------------ stand-in networks
+def hash_tokens(images: np.ndarray, k: int, codebook: int = 64000) -> np.ndarray:
+    """uint8 [B, R, R, 3] -> int64 [B, k]: blake2b of each image's bytes as k 16-bit ids mod `codebook`."""
+    digests = [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=2 * k).digest() for im in images]
+    return np.frombuffer(b"".join(digests), np.uint16).reshape(len(images), k).astype(np.int64) % codebook
+
+
+class StandInTokenizeActor(TokenizeActor):
+    """pretokenize's actor without a network: hash_tokens."""
+
+    def __init__(self, model: str, resolution: int, num_tokens: int, use_gpu: bool, torch_threads: int | None):
+        self.resolution, self.num_tokens = resolution, num_tokens
+
+    def tokenize(self, images: np.ndarray) -> np.ndarray:
+        return hash_tokens(images, self.num_tokens).astype(np.uint16)
+
+
+@dataclass
+class _Cfg:
+    image_size: int
+    latent_size: int
+
+    @property
+    def vae(self):  # initial_noise reads cfg.vae.latent_channels
+        return type("VAE", (), {"latent_channels": 3})
+
+
+class StandInFlexTok:
+    """tokenize: hash_tokens of the image; detokenize: returns its input, the initial noise, as the image."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, resolution: int, num_registers: int):
+        self.cfg, self.num_registers = _Cfg(resolution, resolution), num_registers
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, R, R] in [-1, 1] -> [B, n]
+        images = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        return torch.from_numpy(hash_tokens(images, self.num_registers))
+
+    def detokenize(self, prefixes, timesteps, guidance_scale, apg, noise: torch.Tensor) -> torch.Tensor:
+        return noise.clamp(-1, 1)  # [J, 3, R, R]
+
+
+class StandInReconstructStage(ReconstructStage):
+    """The sweep's model stage with StandInFlexTok in place of the checkpoint."""
+
+    def __init__(self, ks, settings, grid_keys, real_features, device="cpu", threads=None):
+        from pipeline.sweep import DecodeSettings
+
+        self.model = StandInFlexTok(RESOLUTION, NUM_TOKENS)
+        self.ks, self.s = ks, DecodeSettings(**settings)
+        self.grid, self.real_features = set(grid_keys), real_features
+
+
+class _Projection:
+    has_classifier = False
+
+    def __init__(self, resolution: int, dim: int = 2048):
+        pooled = 3 * (resolution // 8) ** 2
+        self.weight = torch.from_numpy(np.random.default_rng(0).standard_normal((pooled, dim), np.float32))
+
+    def __call__(self, images: np.ndarray) -> dict[str, torch.Tensor]:  # uint8 [B, R, R, 3] -> [B, 2048]
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pooled = torch.nn.functional.avg_pool2d(x, 8).flatten(1)  # [B, 3 * (R/8)^2]
+        return {"pool": pooled @ self.weight}
+
+
+class StandInInceptionStage(InceptionStage):
+    """The Inception stage with a fixed random projection in place of the network."""
+
+    def __init__(self, device: str = "cpu", threads: int | None = None):
+        self.net = _Projection(RESOLUTION)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def current_rss() -> int:
+    """This process's resident set size, bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def init_ray(runtime_env: dict, num_cpus: int = 2) -> None:
+    """A local Ray for a bench. Ray gives its raylet 30 s to register, which a heavily loaded machine can
+    exceed; here the registration is polled for up to 10 minutes (the bench's own patience only). The raylet's
+    own ~25 s wait for its agents' port files is not covered: under heavy load it still aborts."""
+    import ray
+    import ray._private.services as services
+
+    get_node = services.get_node
+
+    def patient_get_node(*args, **kwargs):
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                return get_node(*args, **kwargs)
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    services.get_node = patient_get_node
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env=runtime_env,
+        )
+    finally:
+        services.get_node = get_node
+
+
+class Sampler:
+    """Peak driver RSS and peak object-store use, sampled in a thread between reset() and peak()."""
+
+    def __init__(self, period: float = 0.1):
+        import ray
+
+        self.ray, self.period = ray, period
+        self.rss = self.store = 0
+        self.total_store = ray.cluster_resources().get("object_store_memory", 0)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        last_store = 0.0
+        while True:
+            self.rss = max(self.rss, current_rss())
+            if time.monotonic() - last_store > 0.5:
+                free = self.ray.available_resources().get("object_store_memory", self.total_store)
+                self.store = max(self.store, int(self.total_store - free))
+                last_store = time.monotonic()
+            time.sleep(self.period)
+
+    def reset(self) -> None:
+        self.rss = current_rss()
+        self.store = 0
+
+    def peak(self) -> tuple[int, int]:
+        time.sleep(2 * self.period)
+        return self.rss, self.store
+
+
+@dataclass
+class Row:
+    job: str
+    n: int
+    seconds: float
+    rows_per_s: float
+    driver_peak_mib: float  # above the driver's RSS before the first size
+    store_peak_mib: float
+    files: int
+    note: str = ""
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
+def pretokenize_at(n: int, work: Path, model: str, sampler: Sampler, base_rss: int) -> Row:
+    out = work / f"corpus-{n}"
+    cfg = PretokenizeConfig(model=model, inputs=synthetic_urls(n), output=str(out), batch_size=256, block_rows=256)
+    sampler.reset()
+    summary = run_pretokenize(cfg, log=lambda line: None, actor_cls=StandInTokenizeActor)
+    rss, store = sampler.peak()
+    if summary.rows != n:
+        raise RuntimeError(f"pretokenize wrote {summary.rows} rows, expected {n}")
+    mib = 2**20
+    row = Row(
+        "pretokenize", n, summary.seconds, n / summary.seconds, (rss - base_rss) / mib, store / mib, count_files(out)
+    )
+    return row
+
+
+def sweep_at(n: int, work: Path, sampler: Sampler, base_rss: int) -> Row:
+    """jobs/eval_sweep.py's composition, stand-in stages, reference computed in the same pass."""
+    import ray
+
+    from pipeline import report
+    from pipeline import sweep as S
+    from pipeline.fid import Reference
+    from pipeline.sources import image_dataset
+
+    out = work / f"sweep-{n}"
+    settings = S.DecodeSettings(timesteps=1, decode_batch=64)
+    groups = (S.REAL, *KS)
+    partial = S.PartialResults(out / "partial", S.run_fingerprint(n=n, ks=KS), groups)
+    sampler.reset()
+    start = time.perf_counter()
+    partial.open()
+    map_kwargs = dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_format="numpy")
+    with ordered_execution():
+        ds = image_dataset(synthetic_urls(n), RESOLUTION).limit(n)
+        stage = dict(ks=KS, settings=asdict(settings), grid_keys=[], real_features=True)
+        ds = ds.map_batches(StandInReconstructStage, fn_constructor_kwargs=stage, batch_size=16, **map_kwargs)
+        ds = ds.map_batches(StandInInceptionStage, batch_size=256, **map_kwargs)
+        collector = S.Collector(partial, groups, 256)
+        collector.consume(ds)
+    collected = time.perf_counter()
+    gathered = S.gather(partial)
+    reference = Reference.from_stats(gathered.stats[S.REAL], "stand-in", "none", "synth", gathered.features[S.REAL])
+    results = report.summarize(gathered, KS, reference, S.MetricOptions(prc=False))
+    seconds = time.perf_counter() - start
+    rss, store = sampler.peak()
+    if results["work"]["images"] != n:
+        raise RuntimeError(f"the sweep saw {results['work']['images']} images, expected {n}")
+    note = f"collect {collected - start:.0f} s, gather+metrics {seconds - (collected - start):.0f} s"
+    mib = 2**20
+    return Row("sweep (9 k)", n, seconds, n / seconds, (rss - base_rss) / mib, store / mib, count_files(out), note)
+
+
+def grows(rows: list[Row]) -> bool:
+    """The driver's peak at the largest N exceeds the smallest N's by more than the tolerance."""
+    if len(rows) < 2:
+        return False
+    small, large = rows[0].driver_peak_mib, rows[-1].driver_peak_mib
+    factor, extra = GROWTH_TOLERANCE
+    return large > small * factor + extra / 2**20
+
+
+def print_rows(rows: list[Row]) -> None:
+    print("| job | N | wall s | rows/s | driver peak MiB (above start) | object store peak MiB | files | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r.job} | {r.n:,} | {r.seconds:.1f} | {r.rows_per_s:,.0f} | {r.driver_peak_mib:.0f} | "
+            f"{r.store_peak_mib:.0f} | {r.files:,} | {r.note} |",
+            flush=True,
+        )
+
+
+def save_tiny_model(folder: Path) -> str:
+    """pretokenize reads the model's identity and sizes on the driver: a random `tiny` FlexTok (never run)."""
+    from flextok import FlexTok
+    from flextok.config import tiny
+
+    torch.manual_seed(0)
+    FlexTok(tiny(image_size=RESOLUTION, num_registers=NUM_TOKENS)).save_pretrained(folder)
+    return str(folder)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the smallest sizes only")
+    p.add_argument("--pretokenize", help="comma-separated record counts")
+    p.add_argument("--sweep", help="comma-separated image counts")
+    p.add_argument("--corpus-rows", type=int, help="rows of the corpus-reader bench (0: skip)")
+    p.add_argument("--work", help="scratch folder (default: a temporary one, deleted)")
+    args = p.parse_args()
+    sizes = QUICK if args.quick else FULL
+    pre = [int(x) for x in args.pretokenize.split(",") if x] if args.pretokenize is not None else sizes["pretokenize"]
+    swp = [int(x) for x in args.sweep.split(",") if x] if args.sweep is not None else sizes["sweep"]
+    corpus_rows = sizes["corpus_rows"] if args.corpus_rows is None else args.corpus_rows
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from pipeline.malloc import runtime_env
+
+    register_synthetic()
+    env = runtime_env({"worker_process_setup_hook": register_synthetic})
+    init_ray(env)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    load0 = os.getloadavg()
+    print(f"load average at start: {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}; {os.cpu_count()} CPUs", flush=True)
+    failed = []
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        model = save_tiny_model(work / "tiny")
+        sampler = Sampler()
+        base = current_rss()
+        rows: list[Row] = []
+        for n in pre:
+            rows.append(pretokenize_at(n, work, model, sampler, base))
+            print_rows(rows[-1:])
+        if grows(rows):
+            failed.append("pretokenize")
+        sweep_rows: list[Row] = []
+        for n in swp:
+            sweep_rows.append(sweep_at(n, work, sampler, base))
+            print_rows(sweep_rows[-1:])
+        if grows(sweep_rows):
+            failed.append("sweep")
+        print()
+        print_rows(rows + sweep_rows)
+        if corpus_rows:
+            from bench.corpus import corpus_bench
+
+            corpus_bench(corpus_rows, work)
+    ray.shutdown()
+    load1 = os.getloadavg()
+    print(f"load average at end: {load1[0]:.1f} {load1[1]:.1f} {load1[2]:.1f}")
+    print(f"driver ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if failed:
+        print(f"FAIL: driver memory grows with N: {', '.join(failed)}")
+        return 1
+    print("driver memory flat in N (within 25% + 64 MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
