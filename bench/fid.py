@@ -1,7 +1,7 @@
 """FID two ways on the same image folders, side by side in one run, and the sweep's work counters.
 
     python bench/fid.py                                   # 2 x 100 ImageNet-sample photos at 64px, local Ray
-    python bench/fid.py --real A/ --fake B/ --resolution 256 --actors 2
+    python bench/fid.py --real A/ --fake B/ --resolution 256 --workers 2
     python bench/fid.py --skip-sweep
 
 1. Our pipeline (jobs/eval_fid: Ray Data, Inception actors, driver-merged float64 statistics) and
@@ -62,8 +62,8 @@ def bench_fid(args, weights: Path) -> bool:
     from pipeline.inception import weights_only_loads
 
     common = ["--resolution", str(args.resolution), "--inception-weights", str(weights)]
-    common += ["--actors", str(args.actors), "--cpus-per-actor", str(args.cpus_per_actor)]
-    common += ["--gpus-per-actor", str(args.gpus_per_actor), "--batch-size", str(args.batch_size)]
+    common += ["--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker)]
+    common += ["--gpus-per-worker", str(args.gpus_per_worker), "--batch-size", str(args.batch_size)]
     common += ["--torch-threads", str(args.torch_threads)]
     t0 = time.perf_counter()
     ours = last_json(eval_fid, ["--real", str(args.real), "--fake", str(args.fake), *common])
@@ -109,7 +109,7 @@ def bench_sweep_counters(args, weights: Path, root: Path) -> bool:
     model.save_pretrained(root / "tiny")
     common = ["--model", str(root / "tiny"), "--input", str(args.real), "--ks", "1,2,4,8,16,32"]
     common += ["--num-samples", str(args.sweep_images), "--timesteps", "5", "--inception-weights", str(weights)]
-    common += ["--cpus-per-actor", str(args.sweep_cpus_per_actor), "--gpus-per-actor", str(args.gpus_per_actor)]
+    common += ["--cpus-per-worker", str(args.sweep_cpus_per_worker), "--gpus-per-worker", str(args.gpus_per_worker)]
     first = last_json(eval_sweep, [*common, "--output", str(root / "s1")])
     cached = last_json(
         eval_sweep,
@@ -145,11 +145,11 @@ def main() -> int:
     p.add_argument("--num-images", type=int, default=100, help="per folder, when the folders are made here")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--inception-weights", type=Path)
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="our Inception actor (1 stage)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="our Inception actor (1 stage)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--torch-threads", type=int, default=torch_threads_default(), help="as torch-fidelity's process")
-    p.add_argument("--sweep-cpus-per-actor", type=float, default=0.5, help="two actor stages must fit the node")
+    p.add_argument("--sweep-cpus-per-worker", type=float, default=0.5, help="two actor stages must fit the node")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--sweep-images", type=int, default=16)
     p.add_argument("--skip-sweep", action="store_true")

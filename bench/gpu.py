@@ -635,7 +635,9 @@ def row_ray_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
         dataset = ray.data.from_numpy(images).rename_columns({"data": "image"}).materialize()
         with tempfile.TemporaryDirectory() as tmp:
             use_gpu = s.device == "cuda"
-            result = run_training(task, loop, dataset, Scaling(1, use_gpu, 1.0), Run(tmp, "bench", max_failures=0))
+            result = run_training(
+                task, loop, dataset, Scaling(1, float(use_gpu), 1.0), Run(os.path.join(tmp, "bench"), max_failures=0)
+            )
             if result.error:
                 raise result.error
             windows = read_metrics(os.path.join(tmp, "bench", "tensorboard"))[1:]

@@ -165,7 +165,7 @@ def main() -> None:
             inputs=[str(s) for s in write_shards(files, work / "shards", len(files))],  # one shard: full batches
             output=str(work / "out"),
             batch_size=args.batch_size,
-            concurrency=1,
+            workers=1,
             torch_threads=args.threads,
         )
         job, steady, end_to_end = job_rates(cfg, work / "calls.txt")

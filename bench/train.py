@@ -73,7 +73,7 @@ def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: s
         task,
         cfg,
         dataset,
-        Scaling(workers, False, min(1.0, (os.cpu_count() or 2) / (2 * workers))),
+        Scaling(workers, cpus_per_worker=min(1.0, (os.cpu_count() or 2) / (2 * workers))),
         Run(os.path.join(storage, "bench"), max_failures=0),
     )
     wall = time.perf_counter() - start

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, is_url, load_state_dict_strict, local_copy
+from .checkpoint import CheckpointError, is_url, load_state_dict_strict, local_copy, streamed_weights_digest
 
 FORMAT = "flextok-pipeline-ar"
 FORMAT_VERSION = 1
@@ -342,13 +342,13 @@ class ARModel(nn.Module):
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": FORMAT})
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> ARModel:
-        """Load a folder written by `save_pretrained` (safetensors only; config checked key by key); a local
-        path or an fsspec URL (s3://...)."""
+    @staticmethod
+    def read_config(directory: str | Path) -> ARConfig:
+        """The configuration of a folder written by `save_pretrained`, checked key by key (weights not read);
+        a local path or an fsspec URL (s3://...)."""
         if is_url(directory):
             with local_copy(str(directory)) as folder:
-                return cls.from_pretrained(folder, map_location)
+                return ARModel.read_config(folder)
         directory = Path(directory)
         if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
             raise CheckpointError(f"{directory} must hold config.json and model.safetensors")
@@ -357,7 +357,27 @@ class ARModel(nn.Module):
             raise CheckpointError(f"{directory / 'config.json'} is not an AR checkpoint (format '{FORMAT}')")
         if raw.get("version") != FORMAT_VERSION:
             raise CheckpointError(f"AR checkpoint version {raw.get('version')} is not supported ({FORMAT_VERSION})")
-        cfg = ARConfig.from_dict(raw.get("config"))
+        return ARConfig.from_dict(raw.get("config"))
+
+    @classmethod
+    def file_digest(cls, directory: str | Path) -> str:
+        """`weights_digest` of the model in `directory`, streamed from its file without loading the model."""
+        if is_url(directory):
+            with local_copy(str(directory)) as folder:
+                return cls.file_digest(folder)
+        with torch.device("meta"):
+            model = cls(cls.read_config(directory))
+        return streamed_weights_digest(Path(directory) / "model.safetensors", model)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> ARModel:
+        """Load a folder written by `save_pretrained` (safetensors only; config checked key by key); a local
+        path or an fsspec URL (s3://...)."""
+        if is_url(directory):
+            with local_copy(str(directory)) as folder:
+                return cls.from_pretrained(folder, map_location)
+        directory = Path(directory)
+        cfg = cls.read_config(directory)
         with torch.device("meta"):
             model = cls(cfg)
         model = model.to_empty(device=map_location)

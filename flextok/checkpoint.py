@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,14 +26,24 @@ from torch import Tensor, nn
 
 from .config import FlexTokConfig
 from .errors import CheckpointError
-from .official import config_from_safetensors_header, is_hub_id, official_state_dict_to_ours, read_official_config
+from .official import (
+    _rename,
+    _to_ours,
+    config_from_safetensors_header,
+    is_hub_id,
+    official_state_dict_to_ours,
+    read_official_config,
+)
 
 __all__ = [
     "CheckpointError",
+    "CheckpointInfo",
     "load_state_dict_strict",
     "read_checkpoint",
+    "read_checkpoint_info",
     "read_config",
     "save_pretrained",
+    "streamed_weights_digest",
     "weights_digest",
 ]
 
@@ -42,9 +55,89 @@ def weights_digest(state_dict: dict[str, Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes, in name order: the model's identity."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, name, state_dict[name])
+    return h.hexdigest()
+
+
+def _hash_tensor(h: Any, name: str, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, without another copy
+
+
+# safetensors dtype names -> torch (https://github.com/huggingface/safetensors, format header)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """({tensor name: {dtype, shape, data_offsets}}, offset of the data) from a .safetensors file's header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a safetensors file (header size {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def streamed_weights_digest(weights: Path, model: Any | None = None, official: bool = False) -> str:
+    """`weights_digest(model.state_dict())` of the model loaded from `weights`, read one tensor at a time.
+    `model` (on the meta device: no memory for weights) gives the names, dtypes and shapes loading checks and
+    casts to; without it the file's names are taken as they are and floating tensors are cast to torch's
+    default dtype, as loading into a freshly built FlexTok does (its builder never needs diffusers then).
+    `official`: the file has the release's tensor names and layouts."""
+    header, data_start = read_safetensors_header(weights)
+    file_name = {(_rename(k, to_ours=True) if official else k): k for k in header}
+    if None in file_name:
+        unknown = sorted(k for k in header if _rename(k, to_ours=True) is None)
+        raise CheckpointError(f"checkpoint has {len(unknown)} tensor(s) with no counterpart in this model: {unknown}")
+    expected = model.state_dict() if model is not None else None
+    if expected is not None:
+        missing, extra = sorted(set(expected) - set(file_name)), sorted(set(file_name) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"checkpoint does not match the model: missing tensors {missing}, unexpected {extra}")
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for name in sorted(file_name):
+            entry = header[file_name[name]]
+            if entry.get("dtype") not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{weights}: tensor {file_name[name]} has unsupported dtype {entry.get('dtype')}")
+            begin, end = entry["data_offsets"]
+            raw = bytearray(end - begin)
+            f.seek(data_start + begin)
+            if f.readinto(raw) != len(raw):
+                raise CheckpointError(f"{weights} is truncated (tensor {file_name[name]})")
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            t = t.reshape(entry["shape"])
+            t = _to_ours(name, t) if official else t
+            if expected is None:
+                _hash_tensor(h, name, t.to(torch.get_default_dtype()) if t.is_floating_point() else t)
+                continue
+            if t.shape != expected[name].shape:
+                raise CheckpointError(
+                    f"checkpoint does not match the model: shape mismatches "
+                    f"['{name}: checkpoint {list(t.shape)} vs model {list(expected[name].shape)}']"
+                )
+            _hash_tensor(h, name, t.to(expected[name].dtype))  # loading casts to the model's dtype
     return h.hexdigest()
 
 
@@ -174,3 +267,31 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": FORMAT})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a FlexTok checkpoint says without loading its weights."""
+
+    path: str | Path  # as given: a folder, an fsspec URL or a hub id
+    cfg: FlexTokConfig
+    official: bool  # the release's format (tensor names and layouts translated on load)
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.cfg.fsq_levels)
+
+    def digest(self) -> str:
+        """The loaded model's `weights_digest`, streamed from the file: a driver learns a checkpoint's identity
+        without holding its weights or importing the VAE's library (diffusers, ~280 MB). Whether the tensors
+        fit the config is checked where the model is built (the actors), not here."""
+        if is_url(self.path):
+            with local_copy(str(self.path)) as folder:
+                return streamed_weights_digest(folder / "model.safetensors", official=self.official)
+        return streamed_weights_digest(checkpoint_folder(self.path) / "model.safetensors", official=self.official)
+
+
+def read_checkpoint_info(path_or_hub_id: str | Path) -> CheckpointInfo:
+    """The configuration of a checkpoint (config.json, or the release's safetensors header), tensors unread."""
+    cfg, official = read_config(path_or_hub_id)
+    return CheckpointInfo(path_or_hub_id, cfg, official)

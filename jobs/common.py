@@ -8,6 +8,7 @@ the command line wins. Unknown keys and bad values are one-line errors that say 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -76,10 +77,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return parser.parse_args(argv)
 
 
+def worker_error_line(error: BaseException) -> str | None:
+    """The one line of a fixable error raised in a Ray actor or worker (today: pipeline.devices.NoCudaError),
+    found in the wrapped traceback Ray hands the driver; None for any other error."""
+    found = re.search(r"NoCudaError: ([^\n]+)", str(error))
+    return found.group(1).strip() if found else None
+
+
 def run_main(main_fn, argv: list[str] | None = None) -> int:
-    """Call a job's body; turn JobError and the library's input errors (flextok.errors.UserInputError: bad
-    checkpoint, bad input, bad corpus) into one line on stderr and exit status 2. The process's malloc is tuned
-    first (pipeline.malloc: every job process runs without mmap churn)."""
+    """Call a job's body; turn JobError, the library's input errors (flextok.errors.UserInputError: bad
+    checkpoint, bad input, bad corpus) and a worker's NoCudaError into one line on stderr and exit status 2. The
+    process's malloc is tuned first (pipeline.malloc: every job process runs without mmap churn)."""
     from pipeline.malloc import tune_this_process
 
     tune_this_process()
@@ -88,10 +96,11 @@ def run_main(main_fn, argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except Exception as e:
         from flextok.errors import UserInputError  # imported here: it loads torch, which --help does not need
 
-        if not isinstance(e, UserInputError):
+        line = str(e) if isinstance(e, UserInputError) else worker_error_line(e)
+        if line is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2

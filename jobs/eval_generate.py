@@ -23,18 +23,17 @@ from jobs.eval_common import (
     check_resource_args,
     check_sweep_args,
     checked_reference,
-    inception_resources,
+    flextok_info,
     inception_setup,
-    init_ray,
-    load_flextok,
     local_or_hub,
     metric_options,
     progress,
-    resources,
     run_sweep,
     sweep_ks,
+    sweep_resources,
     versions,
 )
+from jobs.resources import Cluster, Plan, init_ray, sweep_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,18 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--grid-samples", type=int, default=8, help="rows of samples_grid.png")
     add_sweep_args(p)
-    add_resource_args(p, batch_size=1)
+    add_resource_args(p, "generator actors (AR model + FlexTok decoder)", batch_size=1)
     return p
 
 
-def load_ar(path: str):
+def ar_info(path: str):
+    """(config, weights digest) of --ar-model, from its files."""
     from flextok.ar import ARModel
     from flextok.checkpoint import CheckpointError
 
     try:
-        return ARModel.from_pretrained(path).eval()
+        return ARModel.read_config(path), ARModel.file_digest(path)
     except (OSError, ValueError, CheckpointError) as e:
         fail(f"--ar-model {path}: {e}")
+
+
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Decoder actors and the Inception stage, at the same time."""
+    return sweep_plan(args, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,27 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     check_sweep_args(args)
     check_resource_args(args)
 
-    from flextok.checkpoint import weights_digest
     from pipeline import generate as G
     from pipeline import sweep as S
     from pipeline.report import Report
     from pipeline.sweep_run import SweepSpec, run_fingerprint
 
     # every check before any work
-    ar, model = load_ar(args.ar_model), load_flextok(args.model)
-    ks = sweep_ks(args.ks, min(model.num_registers, ar.cfg.max_tokens))
-    if ar.cfg.vocab_size != model.codebook_size:
-        fail(f"--ar-model predicts {ar.cfg.vocab_size} token ids; --model's codebook has {model.codebook_size}")
-    ar_sha256, model_sha256 = weights_digest(ar.state_dict()), weights_digest(model.state_dict())
-    num_classes, R = ar.cfg.num_classes, model.cfg.image_size
-    del ar, model  # the actors load their own copies
+    # the actors load the models; the driver reads their files
+    (ar_cfg, ar_sha256), (info, model_sha256) = ar_info(args.ar_model), flextok_info(args.model)
+    ks = sweep_ks(args.ks, min(info.cfg.num_registers, ar_cfg.max_tokens))
+    if ar_cfg.vocab_size != info.codebook_size:
+        fail(f"--ar-model predicts {ar_cfg.vocab_size} token ids; --model's codebook has {info.codebook_size}")
+    num_classes, R = ar_cfg.num_classes, info.cfg.image_size
     sampling = G.SamplingSettings(args.cfg_scale, args.temperature, args.top_k, args.top_p)
     weights, identity, has_classifier = inception_setup(args)
     reference = checked_reference(args.reference_stats, identity, R)
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
-    init_ray()
-    total_actors = args.actors + args.inception_actors
-    res, inception_res = resources(args, total_actors), inception_resources(args, total_actors)
+    init_ray(worker_logs=False)
+    res, inception_res = sweep_resources(args, "eval_generate")
     grid_keys = [G.sample_key(i) for i in range(min(args.grid_samples, args.num_samples))]
 
     fingerprint = run_fingerprint(

@@ -25,17 +25,16 @@ from jobs.eval_common import (
     check_resource_args,
     check_sweep_args,
     checked_reference,
-    inception_resources,
+    flextok_info,
     inception_setup,
-    init_ray,
-    load_flextok,
     local_or_hub,
     metric_options,
-    resources,
     run_sweep,
     sweep_ks,
+    sweep_resources,
     versions,
 )
+from jobs.resources import Cluster, Plan, init_ray, sweep_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="evaluate the first N inputs (default: all)")
     p.add_argument("--grid-images", type=int, default=8, help="rows of recon_grid.png")
     add_sweep_args(p)
-    add_resource_args(p, batch_size=8)
+    add_resource_args(p, "decoder actors (FlexTok: encode once, decode every k)", batch_size=8)
     return p
 
 
@@ -100,6 +99,11 @@ def source_dataset(args: argparse.Namespace, augment: str | None, resolution: in
     return ds.limit(args.num_samples) if args.num_samples else ds
 
 
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Decoder actors and the Inception stage, at the same time."""
+    return sweep_plan(args, cluster)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     for name in ("model", "input", "output"):
@@ -110,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     check_sweep_args(args)
     check_resource_args(args)
 
-    from flextok.checkpoint import weights_digest
     from pipeline import sweep as S
     from pipeline.features import ordered_execution
     from pipeline.preprocess import PREPROCESSING
@@ -118,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.sweep_run import InPassReference, SweepSpec, run_fingerprint
 
     # every check before any work: model, k's, Inception, reference, input
-    model = load_flextok(args.model)
-    ks = sweep_ks(args.ks, model.num_registers)
-    model_sha256, R, num_registers = weights_digest(model.state_dict()), model.cfg.image_size, model.num_registers
-    del model  # the actors load their own copies
+    info, model_sha256 = flextok_info(args.model)  # the actors load the model; the driver reads its files
+    R, num_registers = info.cfg.image_size, info.cfg.num_registers
+    ks = sweep_ks(args.ks, num_registers)
     weights, identity, has_classifier = inception_setup(args)
     preprocessing = f"{PREPROCESSING} @ {R}px, uint8"
     reference = checked_reference(args.reference_stats, identity, R) if args.reference_stats else None
@@ -130,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if corpus and reference is None:
         fail("a token corpus holds no images: give --reference-stats (e.g. from eval_fid --save-stats)")
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
-    init_ray()
-    total_actors = args.actors + args.inception_actors
-    res, inception_res = resources(args, total_actors), inception_resources(args, total_actors)
+    init_ray(worker_logs=False)
+    res, inception_res = sweep_resources(args, "eval_sweep")
     ds = source_dataset(args, augment, R)  # an empty or missing input fails here, before anything is written
     with ordered_execution():
         grid_keys = [str(r["key"]) for r in ds.limit(args.grid_images).select_columns(["key"]).take_all()]

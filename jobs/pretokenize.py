@@ -10,9 +10,19 @@ Output layout and columns: docs/pretokenize.md. Run `python jobs/validate_corpus
 from __future__ import annotations
 
 import argparse
-import os
 
 from jobs.common import fail, parse_args, run_main
+from jobs.resources import (
+    Cluster,
+    Plan,
+    actor_stage_plan,
+    add_worker_args,
+    check_args,
+    cluster_now,
+    init_ray,
+    threads,
+    warn_if_short,
+)
 
 
 class ReplaceDefaultAppend(argparse.Action):
@@ -36,11 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder URL (required)")
     p.add_argument("--resolution", type=int, help="image size (default and only allowed value: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per tokenize call (default 64)")
-    p.add_argument(
-        "--num-gpus-per-worker", type=float, help="GPUs per tokenizer actor (default: 1 if the cluster has GPUs)"
-    )
-    p.add_argument("--concurrency", type=int, help="number of tokenizer actors (default: one per GPU, else 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per tokenizer actor (default 1)")
     p.add_argument("--torch-threads", type=int, help="torch threads per actor on CPU (default: --cpus-per-worker)")
     p.add_argument("--num-tokens", type=int, help="store each sequence's first K tokens (default: all)")
     p.add_argument(
@@ -60,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ladder", help="adaptive: the k's to choose from, e.g. 1,2,4,8 (default: powers of two)")
     p.add_argument("--adaptive-timesteps", type=int, default=25, help="adaptive: decoder steps (default 25)")
     p.add_argument("--adaptive-guidance-scale", type=float, default=1.0, help="adaptive: guidance (default 1)")
+    add_worker_args(p, "tokenizer actors")
     return p
+
+
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Tokenizer actors fed by decoding tasks."""
+    return actor_stage_plan("tokenize", args, cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("model", "input", "output"):
         if not getattr(args, name):
             fail(f"--{name} is required")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from pipeline.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize
+    if problem := check_args(args):
+        fail(problem)
+    from pipeline.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize, tokenizer_meta
     from pipeline.sources import InputError
 
     cfg = PretokenizeConfig(
@@ -78,10 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         output=args.output,
         resolution=args.resolution,
         batch_size=args.batch_size,
-        num_gpus_per_worker=args.num_gpus_per_worker,
-        concurrency=args.concurrency,
-        cpus_per_worker=args.cpus_per_worker,
-        torch_threads=args.torch_threads,
         num_tokens=args.num_tokens,
         augment=args.augment,
         labels=args.labels,
@@ -93,7 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         adaptive_guidance_scale=args.adaptive_guidance_scale,
     )
     try:
-        summary = run_pretokenize(cfg)
+        meta = tokenizer_meta(cfg)  # the model's files checked before Ray starts
+    except JobInputError as e:
+        fail(str(e))
+    except (OSError, ValueError) as e:
+        fail(f"--model {args.model}: {e}")
+    init_ray()
+    cluster = cluster_now()
+    plan = resource_plan(args, cluster)
+    warn_if_short(plan, cluster, "pretokenize")
+    tokenize = plan.stage("tokenize")
+    cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker = tokenize.workers, tokenize.gpus, tokenize.cpus
+    cfg.torch_threads = threads(tokenize, args.torch_threads)
+    try:
+        summary = run_pretokenize(cfg, meta=meta)
     except (JobInputError, InputError) as e:
         fail(str(e))
     except FileNotFoundError as e:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 
 from jobs.common import fail, parse_args, run_main
-from jobs.training import add_training_args, check_required, finish, init_ray, loop_config, scaling_and_run
+from jobs.training import add_training_args, check_required, finish, loop_config, resource_plan, scaling_and_run
+
+__all__ = ["build_parser", "main", "resource_plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     check_required(args, "corpus", "output")
     loop = loop_config(args)
-    scaling, run = scaling_and_run(args)
 
     from flextok.ar import ar_preset
     from pipeline.corpus import corpus_files
@@ -59,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         fail(str(e))
-    init_ray()
+    scaling, run = scaling_and_run(args)  # starts or joins Ray: after every check of the arguments
     dataset = corpus_for_training(args.corpus, k)
     print(
         f"training AR '{args.preset}' on {args.corpus} (k={k}, tokenizer {meta.tokenizer}) for {loop.steps} steps "
-        f"on {scaling.num_workers} worker(s) -> {args.output}",
+        f"on {scaling.workers} worker(s) -> {args.output}",
         flush=True,
     )
     result = run_training(ARTask(model=cfg.to_dict()), loop, dataset, scaling, run)

@@ -1,7 +1,7 @@
 """Train a FlexTok tokenizer on Ray Train (DDP or FSDP workers), images streamed through Ray Data.
 
     python jobs/train_tokenizer.py --config configs/train_tokenizer_tiny.yaml
-    python jobs/train_tokenizer.py --config configs/train_tokenizer_d18_d28.yaml --num-workers 64 \\
+    python jobs/train_tokenizer.py --config configs/train_tokenizer_d18_d28.yaml --workers 64 \\
         --output s3://bucket/runs/tok-a
     (run the same command again to resume a stopped or failed run from its latest checkpoint)
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 
 from jobs.common import fail, parse_args, run_main
-from jobs.training import add_training_args, check_required, finish, init_ray, loop_config, scaling_and_run
+from jobs.training import add_training_args, check_required, finish, loop_config, resource_plan, scaling_and_run
+
+__all__ = ["build_parser", "main", "resource_plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     check_required(args, "input", "output")
     cfg = model_config(args)
     loop = loop_config(args)
-    scaling, run = scaling_and_run(args)
 
     from pipeline.repa import TeacherSpec
     from pipeline.sources import InputError, image_dataset
@@ -127,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         vae_weights=args.vae_weights,
         init=args.init,
     )
-    init_ray()
+    scaling, run = scaling_and_run(args)  # starts or joins Ray: after every check of the arguments
     try:
         images = image_dataset(list(args.input), resolution=cfg.image_size, labels=args.labels)
     except InputError as e:
         fail(str(e))
     print(
         f"training tokenizer '{args.preset}' ({cfg.image_size}px, {cfg.num_registers} registers, "
-        f"{cfg.vae.kind} latents) for {loop.steps} steps on {scaling.num_workers} worker(s) -> "
+        f"{cfg.vae.kind} latents) for {loop.steps} steps on {scaling.workers} worker(s) -> "
         f"{args.output}",
         flush=True,
     )

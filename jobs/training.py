@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from typing import Any
 
-from jobs.common import fail
+from jobs.common import fail, worker_error_line
+from jobs.resources import (
+    Cluster,
+    Plan,
+    add_worker_args,
+    check_args,
+    cluster_now,
+    init_ray,
+    training_plan,
+    warn_if_short,
+)
 from pipeline.train_common import LoopConfig
 
 D = LoopConfig()
@@ -18,9 +27,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     """The run, scaling and loop options (defaults from pipeline.train_common.LoopConfig)."""
     run = p.add_argument_group("run (resume: run again with the same --output)")
     run.add_argument("--output", help="the run folder, a path or fsspec URL: checkpoints, metrics (required)")
-    run.add_argument("--num-workers", type=int, default=1, help="training workers (default 1)")
-    run.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
-    run.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per worker (auto)")
     run.add_argument("--strategy", choices=["ddp", "fsdp"], default=D.strategy, help="data parallelism (ddp)")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=D.precision, help="auto: bf16 on CUDA")
     run.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before failing (3)")
@@ -48,6 +54,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     loop.add_argument("--stop-after", type=int, help="leave after this step (checkpointed); rerun to continue")
     loop.add_argument("--seed", type=int, default=D.seed, help="seed of weights, data order and noise")
     loop.add_argument("--shuffle-buffer", type=int, default=D.shuffle_buffer, help="rows per worker shuffle buffer")
+    add_worker_args(p, "Ray Train workers (default 1)")
 
 
 def check_required(args: argparse.Namespace, *names: str) -> None:
@@ -59,22 +66,34 @@ def check_required(args: argparse.Namespace, *names: str) -> None:
 def loop_config(args: argparse.Namespace) -> LoopConfig:
     keys = [f for f in LoopConfig.__dataclass_fields__ if hasattr(args, f)]
     cfg = LoopConfig(**{k: getattr(args, k) for k in keys})
+    if problem := check_args(args):
+        fail(problem)
     try:
-        cfg.check(max(1, args.num_workers))
+        cfg.check(max(1, args.workers or 1))
     except ValueError as e:
         fail(str(e))
     return cfg
 
 
+def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """The Ray Train workers."""
+    return training_plan(args, cluster)
+
+
 def scaling_and_run(args: argparse.Namespace):
+    """The Ray Train workers, fitted to the cluster (this joins or starts Ray), and the run's folder."""
     from pipeline.train_loop import Run, Scaling, split_output
 
-    use_gpu = {"auto": None, "yes": True, "no": False}[args.use_gpu]
-    scaling = Scaling(num_workers=args.num_workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker)
     try:
         split_output(args.output)
     except ValueError as e:
         fail(f"--output {args.output}: {e}")
+    init_ray()
+    cluster = cluster_now()
+    plan = resource_plan(args, cluster)
+    warn_if_short(plan, cluster, "training")
+    train = plan.stage("train")
+    scaling = Scaling(workers=train.workers, gpus_per_worker=train.gpus, cpus_per_worker=train.cpus)
     run = Run(
         output=args.output,
         max_failures=args.max_failures,
@@ -84,21 +103,10 @@ def scaling_and_run(args: argparse.Namespace):
     return scaling, run
 
 
-def init_ray() -> None:
-    """Join the running cluster (ray job submit, tests) or start a local one."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    from pipeline.malloc import runtime_env
-
-    if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env())
-
-
 def finish(result: Any, export: str | None, what: str) -> int:
     """Print where the trained model is (and copy its EMA weights to `export`); 1 on a failed run."""
     if result.error is not None:
-        print(f"error: training failed: {result.error}")
+        print(f"error: training failed: {worker_error_line(result.error) or result.error}")
         return 1
     if result.checkpoint is None:
         print("error: the run ended without a checkpoint")

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .devices import stage_device
 from .fid import FeatureStats
 from .inception import FEATURE_DIM, Inception
 
 
 @dataclass
 class Resources:
-    """One actor stage: how many actors, and the CPUs/GPUs and batch size each gets."""
+    """One actor stage: how many workers (actors), and the CPUs/GPUs and batch size each gets."""
 
-    actors: int = 1
+    workers: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
     batch_size: int = 32
@@ -45,7 +46,7 @@ class Resources:
         import ray
 
         return dict(
-            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=self.cpus,
             num_gpus=self.gpus,
             batch_size=self.batch_size,
@@ -88,7 +89,7 @@ class InceptionStage:
     def __init__(self, weights: str, device: str = "cpu", threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.net = Inception(weights, device=device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        self.net = Inception(weights, device=stage_device("the Inception actor", device == "cuda"))
 
     @torch.no_grad()  # not a global switch: stages also run in-process (tests, local mode)
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

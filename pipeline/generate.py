@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import stage_device
 from .sweep import DecodeSettings, RowBuilder, decode_prefixes, png_bytes
 
 
@@ -72,7 +73,7 @@ class GenerateStage:
 
         if threads:
             torch.set_num_threads(threads)
-        device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+        device = stage_device("the generation sweep's actor", device == "cuda")
         self.ar = ARModel.from_pretrained(ar, map_location=device).eval()
         self.model = FlexTok.from_pretrained(model, map_location=device).eval()
         self.ks, self.sampling, self.s = ks, SamplingSettings(**sampling), DecodeSettings(**settings)

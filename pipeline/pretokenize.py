@@ -74,10 +74,10 @@ class PretokenizeConfig:
     output: str  # output folder URL
     resolution: int | None = None  # default: the model's image size (the only one it accepts)
     batch_size: int = 64  # images per tokenize call
-    num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    concurrency: int | None = None  # tokenizer actors; None: the cluster's GPUs (at least 1)
+    workers: int = 1  # tokenizer actors (the job plans these from the cluster: jobs/resources.py)
+    gpus_per_worker: float = 0.0  # GPUs per tokenizer actor (> 0: the actor runs on CUDA, or fails)
     cpus_per_worker: float = 1.0  # CPUs reserved per tokenizer actor
-    torch_threads: int | None = None  # torch threads per actor on CPU; None: cpus_per_worker
+    torch_threads: int | None = None  # torch threads per actor; None: cpus_per_worker
     num_tokens: int | None = None  # store each sequence's first K tokens; None: all
     augment: str = "none"  # none | random-flip | flip | tencrop (pipeline.preprocess)
     labels: str | None = None  # labels CSV for folder inputs (default: the folder's labels.csv)
@@ -141,9 +141,11 @@ class TokenizeActor:
 
         from flextok import FlexTok
 
+        from .devices import stage_device
+
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = stage_device("the pretokenize tokenizer actor", use_gpu)
         self.model = FlexTok.from_pretrained(model, map_location=device).eval()
         self.resolution, self.num_tokens = resolution, num_tokens
 
@@ -179,18 +181,18 @@ def unit_name(shard: InputShard) -> str:
 
 
 def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
-    """Load the model once on the driver: its identity and sizes, checked against the configuration."""
-    from flextok import FlexTok
-    from flextok.checkpoint import is_url, weights_digest
+    """The model's identity and sizes, from its checkpoint files (the driver never holds the weights), checked
+    against the configuration."""
+    from flextok.checkpoint import is_url, read_checkpoint_info
 
-    model = FlexTok.from_pretrained(cfg.model)
-    size, n = model.cfg.image_size, model.num_registers
+    info = read_checkpoint_info(cfg.model)
+    size, n = info.cfg.image_size, info.cfg.num_registers
     if cfg.resolution is not None and cfg.resolution != size:
         raise JobInputError(f"--resolution {cfg.resolution}: the model {cfg.model} takes {size}x{size} images")
     if cfg.num_tokens is not None and not 1 <= cfg.num_tokens <= n:
         raise JobInputError(f"--num-tokens {cfg.num_tokens}: the model makes {n} tokens, so 1 <= K <= {n}")
-    if model.codebook_size > 65536:
-        raise JobInputError(f"codebook size {model.codebook_size} does not fit the corpus's uint16 tokens")
+    if info.codebook_size > 65536:
+        raise JobInputError(f"codebook size {info.codebook_size} does not fit the corpus's uint16 tokens")
     if cfg.augment not in AUGMENT_MODES:
         raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
     is_folder = is_url(cfg.model) or Path(cfg.model).is_dir()
@@ -198,8 +200,8 @@ def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
     adaptive = adaptive_meta(cfg, n)
     return CorpusMeta(
         tokenizer=name,
-        tokenizer_sha256=weights_digest(model.state_dict()),
-        codebook_size=model.codebook_size,
+        tokenizer_sha256=info.digest(),
+        codebook_size=info.codebook_size,
         num_registers=n,
         num_tokens=int(adaptive["adaptive_ladder"].split(",")[-1]) if adaptive else (cfg.num_tokens or n),
         resolution=size,
@@ -266,11 +268,6 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
     """The Ray Data plan for the shards still to do."""
     import ray
 
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = cfg.num_gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus > 0 else 0.0
-    actors = cfg.concurrency or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
     items = [{"unit": unit, "shard": shard.to_json()} for unit, shard in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     read_kwargs = {"resolution": meta.resolution, "augment": cfg.augment, "block_rows": cfg.block_rows}
@@ -284,7 +281,7 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
         "model": cfg.model,
         "resolution": meta.resolution,
         "num_tokens": meta.num_tokens,
-        "use_gpu": gpus > 0,
+        "use_gpu": cfg.gpus_per_worker > 0,
         "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_worker)),
     }
     if meta.adaptive:
@@ -298,10 +295,10 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_gpus=gpus,
+        num_gpus=cfg.gpus_per_worker,
         num_cpus=cfg.cpus_per_worker,
     )
 
@@ -353,9 +350,11 @@ def run_pretokenize(
     log: Callable[[str], None] = print,
     on_commit: Callable[[str, dict], None] | None = None,
     actor_cls: type = TokenizeActor,
+    meta: CorpusMeta | None = None,
 ) -> Summary:
     """Run (or resume) the job; returns what this run did. `on_commit(unit, marker)` is called after each
-    shard is committed; `actor_cls` replaces the tokenizer actor (e.g. for fault-injection tests)."""
+    shard is committed; `actor_cls` replaces the tokenizer actor (e.g. for fault-injection tests); `meta`:
+    `tokenizer_meta(cfg)` when the caller already has it."""
     import ray
 
     t0 = time.perf_counter()
@@ -363,7 +362,7 @@ def run_pretokenize(
         raise JobInputError("no --input given")
     if cfg.rows_per_file < 1 or cfg.batch_size < 1 or cfg.folder_chunk < 1:
         raise JobInputError("--rows-per-file, --batch-size and --folder-chunk must be positive")
-    meta = tokenizer_meta(cfg)
+    meta = meta or tokenizer_meta(cfg)
     shards = expand_inputs(cfg.inputs, cfg.labels, cfg.folder_chunk)
     units = {unit_name(s): s for s in shards}
     fs, root = output_fs(cfg.output)

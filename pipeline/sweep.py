@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .devices import stage_device
 from .features import is_error
 from .image_metrics import pixel_metrics
 from .inception import model_output_to_uint8
@@ -193,7 +194,7 @@ class ReconstructStage:
 
         if threads:
             torch.set_num_threads(threads)
-        device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+        device = stage_device("the sweep's decoder actor", device == "cuda")
         self.model = FlexTok.from_pretrained(model, map_location=device).eval()
         self.ks, self.s = ks, DecodeSettings(**settings)
         self.grid, self.real_features = set(grid_keys), real_features

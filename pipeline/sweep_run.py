@@ -85,8 +85,8 @@ def run_sweep(spec: SweepSpec, rows: Callable[[frozenset[str]], object | None], 
             r = spec.model_resources
             ds = ds.map_batches(spec.stage, fn_constructor_kwargs=spec.stage_kwargs, **r.map_kwargs())
             ds = with_inception_features(ds, spec.inception_weights, spec.inception_resources)
-            inception = spec.inception_resources.actors
-            log(f"[{spec.name}] k={list(spec.ks)}: {r.actors} model actor(s), {inception} Inception actor(s)")
+            inception = spec.inception_resources.workers
+            log(f"[{spec.name}] k={list(spec.ks)}: {r.workers} model actor(s), {inception} Inception actor(s)")
             collector.consume(ds)
 
     g = gather(partial, spec.metrics.feature_subset, spec.metrics.subset_seed)

@@ -3,7 +3,7 @@ to the workers through Ray Data.
 
     ds = read_corpus("corpus/", k=128)                               # pipeline.corpus
     task = ARTask(model=ar_preset("d12", max_tokens=128).to_dict())
-    run_training(task, LoopConfig(...), ds, Scaling(8, use_gpu=True), Run("s3://bucket/runs/ar-d12"))
+    run_training(task, LoopConfig(...), ds, Scaling(8, gpus_per_worker=1), Run("s3://bucket/runs/ar-d12"))
 
 Rows without a label train the null class (the unconditional model that CFG uses).
 """

@@ -1,6 +1,6 @@
 """The training loop both jobs run on Ray Train, and the driver call that starts it.
 
-    result = run_training(task, LoopConfig(...), dataset, Scaling(num_workers=2), Run("s3://bucket/runs/tok1"))
+    result = run_training(task, LoopConfig(...), dataset, Scaling(workers=2), Run("s3://bucket/runs/tok1"))
 
 A `TrainTask` says what is trained (the objective module, how batches come from the worker's Ray Data
 shard, how the model is saved); the loop does the rest, the same way for every task:
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from flextok.checkpoint import load_state_dict_strict
 
+from .devices import stage_device
 from .train_common import (
     EMA,
     EMA_DIR,
@@ -171,6 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA) -> TrainState:
     """Load the latest reported checkpoint, if any (EMA weights first, through the model, then the live ones)."""
+    import ray
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -279,6 +281,7 @@ def report(
     rank: int,
 ) -> None:
     """Log (rank 0), and report to Ray Train on every rank (a barrier), with a checkpoint when `save`."""
+    import ray
     import ray.train
 
     metrics = {**metrics, "epoch": state.epoch}
@@ -329,8 +332,10 @@ def report(
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class Scaling:
-    num_workers: int = 1
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    """Ray Train workers and what each gets (0 workers: Ray Train's local mode, in this process)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0  # > 0: the worker trains on CUDA (NoCudaError when it sees none)
     cpus_per_worker: float = 1.0
 
 
@@ -342,24 +347,43 @@ class Run:
     preserve_order: bool = False  # deterministic data order (needed for bitwise-reproducible resumes)
 
 
+def cuda_checked_torch_config():
+    """Ray Train's TorchConfig whose workers, when given GPUs, check that they see CUDA before NCCL is set up
+    (which would fail with a long traceback that does not say which worker or what it saw)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class CudaCheckedBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            if worker_group.get_resources_per_worker().get("GPU", 0) > 0:
+                worker_group.execute(stage_device, "a Ray Train worker", True)
+            super().on_start(worker_group, backend_config)
+
+    class CudaCheckedTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return CudaCheckedBackend
+
+    return CudaCheckedTorchConfig()
+
+
 def run_training(task: TrainTask, loop: LoopConfig, dataset: Any, scaling: Scaling, run: Run):
     """Start (or resume: same `run.output`) a TorchTrainer run; returns Ray Train's Result."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = scaling.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    loop.check(max(1, scaling.num_workers))
+    loop.check(max(1, scaling.workers))
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = ingest.preserve_order or run.preserve_order
     storage, name = split_output(run.output)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "loop": loop, "output": f"{storage}/{name}"},
+        torch_config=cuda_checked_torch_config(),
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker}
+            num_workers=scaling.workers,
+            use_gpu=scaling.gpus_per_worker > 0,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker},
         ),
         run_config=RunConfig(
             name=name,

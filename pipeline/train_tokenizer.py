@@ -3,7 +3,7 @@ from `FlexTok.loss`) plus the optional REPA term, fed with images from Ray Data.
 
     ds = image_dataset(["shards/*.tar"], resolution=256)          # pipeline.sources, as pretokenize reads
     task = TokenizerTask(model=preset("d18_d28").to_dict(), repa_weight=1.0, teacher=TeacherSpec("dinov2", ...))
-    run_training(task, LoopConfig(...), training_images(ds), Scaling(8, use_gpu=True), Run("s3://bucket/runs/tok"))
+    run_training(task, LoopConfig(...), training_images(ds), Scaling(8, gpus_per_worker=1), Run("s3://bucket/runs/tok"))
 """
 
 from __future__ import annotations

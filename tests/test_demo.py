@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -56,8 +57,26 @@ def test_given_model_skips_tokenizer_training_and_is_used_everywhere(tmp_path):
     assert "train tokenizer" not in [s.name for s in steps]
     users = [s for s in steps if "--model" in s.argv]
     assert {s.argv[s.argv.index("--model") + 1] for s in users} == {"EPFL-VILAB/flextok_d18_d28_in1k"}
-    sweep = next(s for s in steps if s.name == "eval sweep")
-    assert sweep.argv[sweep.argv.index("--gpus-per-actor") + 1] == "1"
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+def test_each_steps_stages_fit_the_demos_gpus_at_once(tmp_path, gpus):
+    """`--gpus N` starts a Ray with N GPUs; no step may ask for more at the same time (the sweeps used to ask
+    for N decoder GPUs plus one for Inception)."""
+    from jobs.resources import Cluster
+
+    cluster = Cluster(cpus=os.cpu_count() or 1, gpus=gpus)
+    planned = 0
+    for step in demo_plan(tmp_path, "--gpus", str(gpus)):
+        job = importlib.import_module(step.module)
+        if hasattr(job, "resource_plan"):
+            parser = job.build_parser()
+            add_config_flag(parser)
+            plan = job.resource_plan(parser.parse_args(step.argv), cluster)
+            assert plan.gpus <= gpus and plan.shortfall(cluster) is None, (step.name, plan)
+            assert all((s.gpus > 0) == (gpus > 0) for s in plan.stages), (step.name, plan)
+            planned += 1
+    assert planned == 5  # train tokenizer, pretokenize, train ar, eval sweep, eval generate
 
 
 def test_by_default_the_shipped_models_are_used_and_the_sweep_scores_held_out_photos(tmp_path):

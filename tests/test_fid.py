@@ -182,7 +182,7 @@ def test_eval_fid_equals_torch_fidelity(ray_session, two_folders, inception_weig
     import torch_fidelity
 
     a, b = two_folders
-    common = ["--resolution", "64", "--inception-weights", str(inception_weights), "--cpus-per-actor", "0.5"]
+    common = ["--resolution", "64", "--inception-weights", str(inception_weights), "--cpus-per-worker", "0.5"]
     ours = run_job(
         capsys,
         [

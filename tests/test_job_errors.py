@@ -47,12 +47,12 @@ def test_pretokenize_with_a_folder_of_neither_format(tmp_path, capsys):
 
 def test_train_tokenizer_with_a_bad_init_checkpoint(tmp_path, capsys):
     argv = ["train", "tokenizer", "--init", str(not_a_checkpoint(tmp_path)), "--input", str(tmp_path)]
-    rc = flextok(argv + ["--storage-path", str(tmp_path / "runs"), "--name", "t"])
+    rc = flextok(argv + ["--output", str(tmp_path / "runs" / "t")])
     one_error_line(capsys, rc, "neither our format nor the official")
 
 
 def test_train_ar_with_a_folder_that_is_no_corpus(tmp_path, capsys):
-    argv = ["train", "ar", "--corpus", str(not_a_corpus(tmp_path)), "--storage-path", str(tmp_path), "--name", "a"]
+    argv = ["train", "ar", "--corpus", str(not_a_corpus(tmp_path)), "--output", str(tmp_path / "a")]
     one_error_line(capsys, flextok(argv), "no committed units")
 
 

@@ -52,7 +52,7 @@ def test_submitted_pretokenize_job_succeeds_and_writes_the_corpus(ray_head, job_
     client = JobSubmissionClient(ray_head.dashboard_url)
     entrypoint = (
         f"python jobs/pretokenize.py --model {job_inputs['model']} --input {job_inputs['images']}"
-        f" --output {job_inputs['output']} --resolution 32 --batch-size 4 --num-gpus-per-worker 0 --concurrency 1"
+        f" --output {job_inputs['output']} --resolution 32 --batch-size 4 --gpus-per-worker 0 --workers 1"
     )
     job_id = client.submit_job(
         entrypoint=entrypoint,

@@ -295,7 +295,7 @@ def test_projector_shapes():
         (["--input", "d", "--output", "x", "--preset", "d12_d12"], "--vae-weights"),
         (["--input", "d", "--output", "x", "--preset", "huge"], "unknown preset"),
         (
-            ["--input", "d", "--output", "x", "--batch-size", "30", "--num-workers", "4"],
+            ["--input", "d", "--output", "x", "--batch-size", "30", "--workers", "4"],
             "multiple",
         ),
         (
@@ -334,7 +334,7 @@ def test_loop_in_local_mode_checkpoints_model_ema_and_optimizer(ray_session, tmp
     rows = corpus_rows([[i % 7, (i * 3) % 11, 5, 1] for i in range(64)], [i % 10 for i in range(64)])
     cfg = LoopConfig(steps=4, batch_size=8, grad_accum=2, lr=1e-2, checkpoint_every=2, log_every=1, ema_decay=0.5)
     task = ARTask(model=ar_preset("tiny", num_classes=10, max_tokens=4, vocab_size=16).to_dict())
-    result = run_training(task, cfg, ray.data.from_arrow(rows), Scaling(num_workers=0), Run(str(tmp_path / "local")))
+    result = run_training(task, cfg, ray.data.from_arrow(rows), Scaling(workers=0), Run(str(tmp_path / "local")))
     assert result.error is None
     folder = Path(result.checkpoint.path)
     model, ema = ARModel.from_pretrained(folder / "model"), ARModel.from_pretrained(folder / "ema")

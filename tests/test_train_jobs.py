@@ -75,7 +75,7 @@ def runs(tmp_path_factory) -> Path:
 def tokenizer_run(runs: Path, imagenet_sample: Path) -> Path:
     rc = train_tokenizer(
         *("--input", str(imagenet_sample), "--output", str(runs / "tok")),
-        *("--num-workers", "2", "--cpus-per-worker", "0.5", "--steps", str(TOKENIZER_STEPS)),
+        *("--workers", "2", "--cpus-per-worker", "0.5", "--steps", str(TOKENIZER_STEPS)),
     )
     assert rc == 0
     return runs / "tok"
@@ -153,7 +153,7 @@ def unigram_entropy(corpus: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-AR_ARGS = ("--num-workers", "1", "--steps", str(AR_STEPS), "--checkpoint-every", str(AR_STEPS // 2))
+AR_ARGS = ("--workers", "1", "--steps", str(AR_STEPS), "--checkpoint-every", str(AR_STEPS // 2))
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(corpus, runs):
     steps, every = 30, 10
     run = runs / "ar-killed"
     argv = ("--corpus", str(corpus), "--output", str(run), "--strategy", "fsdp")
-    argv += ("--num-workers", "2", "--cpus-per-worker", "0.5", "--steps", str(steps), "--batch-size", "16")
+    argv += ("--workers", "2", "--cpus-per-worker", "0.5", "--steps", str(steps), "--batch-size", "16")
     argv += ("--checkpoint-every", str(every), "--log-every", "5", "--max-failures", "2")
     result: dict[str, int] = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", train_ar(*argv)))

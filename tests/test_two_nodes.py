@@ -115,7 +115,7 @@ def ar_run(cluster, s3_env, corpus, inputs) -> str:
         cluster,
         s3_env,
         f"python jobs/train_ar.py --config configs/train_ar_tiny.yaml --corpus {corpus} --output {run} "
-        f"--num-workers 2 --cpus-per-worker 0.5 --steps {AR_STEPS} --batch-size 4 --checkpoint-every 2 "
+        f"--workers 2 --cpus-per-worker 0.5 --steps {AR_STEPS} --batch-size 4 --checkpoint-every 2 "
         "--log-every 1",
     )
     return run
