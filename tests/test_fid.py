@@ -118,7 +118,8 @@ def test_kid_with_fewer_samples_than_the_subset_size_uses_them_all():
         verbose=False,
     )
     assert kid["kid_subset_size"] == 30
-    assert kid["kid_mean"] == theirs["kernel_inception_distance_mean"]
+    # float64 sums in another order differ in the last bits (seen: ...5522 vs ...5528)
+    assert kid["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------- references
