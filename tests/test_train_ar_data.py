@@ -17,7 +17,7 @@ def write_corpus(folder, rows: int = 40, k: int = 8) -> None:
 
 
 def test_a_small_corpus_is_materialized_once_and_a_large_one_streams(ray_session, tmp_path):
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import MaterializedDataset
 
     from pipeline.train_ar import corpus_for_training
 
