@@ -193,10 +193,9 @@ def is_url(path: str | Path) -> bool:
 
 
 @contextmanager
-def local_copy(url: str, tensors: bool = True) -> Iterator[Path]:
+def local_copy(url: str) -> Iterator[Path]:
     """A checkpoint folder at an fsspec URL, downloaded into a temporary folder for the duration of the block
-    (config.json, model.safetensors unless `tensors` is False, and the official vae/config.json, those of them
-    that exist)."""
+    (config.json, model.safetensors and the official vae/config.json, those of them that exist)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
@@ -204,8 +203,6 @@ def local_copy(url: str, tensors: bool = True) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="flextok-checkpoint-") as tmp:
         found = 0
         for name in ("config.json", "model.safetensors", "vae/config.json"):
-            if name == "model.safetensors" and not tensors:
-                continue
             if fs.isfile(f"{root}/{name}"):
                 (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
                 fs.get(f"{root}/{name}", str(Path(tmp) / name))
@@ -217,8 +214,8 @@ def local_copy(url: str, tensors: bool = True) -> Iterator[Path]:
 
 def read_config(path_or_hub_id: str | Path) -> tuple[FlexTokConfig, bool]:
     """(our config, whether the checkpoint is in the official format), without reading any tensor."""
-    if is_url(path_or_hub_id):
-        with local_copy(str(path_or_hub_id), tensors=False) as folder:
+    if is_url(path_or_hub_id):  # the folder's files are fetched (an official config may live in the weights)
+        with local_copy(str(path_or_hub_id)) as folder:
             return read_config(folder)
     folder = checkpoint_folder(path_or_hub_id)
     weights = folder / "model.safetensors"
