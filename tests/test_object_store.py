@@ -266,7 +266,7 @@ def test_eval_generate_reads_and_writes_the_bucket(root, ar, tokenizer, referenc
     assert run_job("eval_generate", *argv, *sweep_options(inception_weights)) == 0
     results = read_json(s3, f"{out}/results.json")
     assert [r["k"] for r in results["per_k"]] == [1, 32] and results["work"]["images"] == 4
-    assert results["provenance"]["reference"]["source"] == shards
+    assert results["provenance"]["reference"]["source"] == reference  # the statistics file in the bucket
     for name in ("results.md", "fid_vs_tokens.png", "samples_grid.png"):
         assert s3.isfile(f"{out}/{name}"), name
 
