@@ -6,7 +6,7 @@
 1. Every photo is decoded at every rung of the ladder from its own noise (seed + i, the same for every k):
    a table of PSNR [N, L] (and Inception cosine distance with --inception). From it: how often quality is not
    monotone in k, and fixed k's mean tokens / mean PSNR.
-2. For each target, the search (pipeline.adaptive.bisect_ladder, the code the pretokenize job runs) replays on
+2. For each target, the search (pipeline.data.adaptive.bisect_ladder, the code the pretokenize job runs) replays on
    that table: chosen k, misses, decodes per image; also how often it differs from the exhaustive smallest k.
 3. `--live` repeats one target's search for real (mixed-k decode calls) and checks it picks the same k's.
 4. Fixed k = round(adaptive's mean tokens) is decoded for every target: the equal-tokens comparison.
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flextok import FlexTok  # noqa: E402
-from pipeline.adaptive import (  # noqa: E402
+from pipeline.data.adaptive import (  # noqa: E402
     Criterion,
     Decoding,
     PSNRScorer,

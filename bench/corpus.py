@@ -3,7 +3,7 @@
     .venv/bin/python bench/corpus.py --rows 1280000        # also run by bench/scale.py (full run)
     .venv/bin/python bench/corpus.py --rows 100000 --k 32
 
-The corpus is written by the real writer (pipeline.corpus.commit_unit + write_summary) in units of 1000 rows
+The corpus is written by the real writer (pipeline.data.corpus.commit_unit + write_summary) in units of 1000 rows
 of k synthetic tokens; token 0 holds the row's unit and token 1 its row in the unit, so the order a reader
 delivers can be compared with the stored order. Each reader makes one epoch over all rows, shuffled as in
 training (read_corpus: Ray Data's local shuffle buffer of LoopConfig.shuffle_buffer rows, TokenCollate;
@@ -38,7 +38,7 @@ BATCH = 256
 
 def write_synthetic_corpus(folder: Path, rows: int, k: int) -> float:
     """rows x k tokens (token 0: unit, token 1: row in unit, the rest random) by the real writer; seconds."""
-    from pipeline.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
+    from pipeline.data.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
 
     start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -93,9 +93,9 @@ def corpus_bench(rows: int, work: Path, k: int = 32) -> None:
     from torch.utils.data import DataLoader
 
     from bench.scale import Sampler
-    from pipeline.corpus import CorpusDataset
-    from pipeline.train_ar import TokenCollate, corpus_for_training
-    from pipeline.train_common import LoopConfig
+    from pipeline.data.corpus import CorpusDataset
+    from pipeline.train.ar import TokenCollate, corpus_for_training
+    from pipeline.train.common import LoopConfig
 
     folder = work / "corpus-readers"
     seconds = write_synthetic_corpus(folder, rows, k)

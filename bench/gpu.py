@@ -8,9 +8,9 @@ Rows, each independent (a failing row prints its error on one line and the next 
     matmul       bf16 n x n x n matrix product (n = 8192): the TFLOP/s peak the MFU rows divide by
     tokenize     FlexTok.tokenize images/s, d12_d12 and d18_d28 (random weights), bf16 autocast, batch 64
     detokenize   FlexTok.detokenize images/s, same models, k = 256 tokens, 25 Euler steps, guidance 7.5 + APG
-    ar_train     AR training tokens/s and MFU, d12 and d30, 256 tokens per sequence (pipeline.train_loop's step)
+    ar_train     AR training tokens/s and MFU, d12 and d30, 256 tokens per sequence (pipeline.train.loop's step)
     inception    Inception (pipeline.inception) images/s: the network alone, and the pipeline's stage
-    sweep        the reconstruction sweep's decode stage (pipeline.sweep.ReconstructStage) reconstructions/s
+    sweep        the reconstruction sweep's decode stage (pipeline.eval.sweep.ReconstructStage) reconstructions/s
     pretokenize  the pretokenize job (Ray Data) per-batch rate / a bare loop of the same actor's calls
     ray_train    TorchTrainer (1 worker) steps/s / a plain loop of the same train_step, tokenizer training
 
@@ -336,7 +336,7 @@ def ar_flops_per_token(cfg) -> tuple[float, int]:
 
 
 class _ARObjective(torch.nn.Module):
-    """pipeline.train_ar.ARObjective without its Ray import: `.model` and forward -> {"loss"}."""
+    """pipeline.train.ar.ARObjective without its Ray import: `.model` and forward -> {"loss"}."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -349,9 +349,9 @@ class _ARObjective(torch.nn.Module):
 
 
 def train_steps_per_s(task, batches: list[dict], cfg, device: str, warmup: int, steps: int, guard) -> float:
-    """Steps/s of pipeline.train_loop.train_step (autocast, AdamW, clip, EMA) in one process, after `warmup`."""
-    from pipeline.train_common import EMA, make_optimizer
-    from pipeline.train_loop import MODEL_PREFIX, train_step
+    """Steps/s of pipeline.train.loop.train_step (autocast, AdamW, clip, EMA) in one process, after `warmup`."""
+    from pipeline.train.common import EMA, make_optimizer
+    from pipeline.train.loop import MODEL_PREFIX, train_step
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = device == "cuda"  # as train_loop_per_worker sets it
@@ -379,7 +379,7 @@ def train_steps_per_s(task, batches: list[dict], cfg, device: str, warmup: int, 
 
 def ar_steps_per_s(task, batch: int, length: int, s: Sizes, guard: TimeGuard) -> float:
     """train_step rate on two alternating random batches of `batch` sequences of `length` tokens."""
-    from pipeline.train_common import LoopConfig
+    from pipeline.train.common import LoopConfig
 
     cfg = task.cfg
     g = torch.Generator().manual_seed(0)
@@ -398,7 +398,7 @@ def ar_steps_per_s(task, batch: int, length: int, s: Sizes, guard: TimeGuard) ->
 
 def row_ar_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     from flextok.ar import ar_preset
-    from pipeline.train_loop import TrainTask
+    from pipeline.train.loop import TrainTask
 
     class ARBenchTask(TrainTask):
         unit = "tokens"
@@ -484,7 +484,7 @@ def random_inception_file(folder: str) -> str:
 
 
 def row_inception(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
-    from pipeline.features import InceptionStage
+    from pipeline.eval.features import InceptionStage
 
     path, note = inception_weights(ctx.get("inception_weights"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -515,7 +515,7 @@ def saved_tokenizer(name: str, folder: str, device: str) -> tuple[FlexTokConfig,
 
 
 def row_sweep(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
-    from pipeline.sweep import ReconstructStage
+    from pipeline.eval.sweep import ReconstructStage
 
     with tempfile.TemporaryDirectory() as tmp:
         _, note = saved_tokenizer(s.sweep_model, f"{tmp}/model", s.device)
@@ -555,7 +555,7 @@ def row_pretokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
     import ray
     from PIL import Image
 
-    from pipeline.pretokenize import PretokenizeConfig, TokenizeActor
+    from pipeline.data.pretokenize import PretokenizeConfig, TokenizeActor
 
     sys.path.insert(0, str(REPO / "bench"))
     from pretokenize import job_rates, write_shards  # bench/pretokenize.py: the job with a timed actor
@@ -571,7 +571,7 @@ def row_pretokenize(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
             files.append(work / "jpeg" / f"img{i:05d}.JPEG")
             Image.fromarray(image).save(files[-1], quality=90)
         # bare loop: the job's own actor class called in this process on pre-decoded, pre-cropped batches
-        from pipeline.preprocess import center_crop_adm, decode_image
+        from pipeline.data.preprocess import center_crop_adm, decode_image
 
         crops = np.stack([center_crop_adm(decode_image(f.read_bytes()), R) for f in files])  # [N, R, R, 3]
         actor = TokenizeActor(model_dir, R, cfg.num_registers, s.device == "cuda", None)
@@ -613,10 +613,10 @@ def row_ray_train(s: Sizes, guard: TimeGuard, ctx: dict) -> list[Row]:
         return [not_measured("Ray Train / plain loop", why, "ratio")]
     import ray
 
-    from pipeline.preprocess import to_model_input
-    from pipeline.train_common import LoopConfig, read_metrics
-    from pipeline.train_loop import Run, Scaling, run_training
-    from pipeline.train_tokenizer import TokenizerTask
+    from pipeline.data.preprocess import to_model_input
+    from pipeline.train.common import LoopConfig, read_metrics
+    from pipeline.train.loop import Run, Scaling, run_training
+    from pipeline.train.tokenizer import TokenizerTask
 
     cfg, note = usable_config(s.train_model)
     R, B = cfg.image_size, s.train_batch
@@ -665,11 +665,11 @@ ROW_IMPORTS = {
     "matmul": [],
     "tokenize": ["flextok"],
     "detokenize": ["flextok", "flextok.sampling"],
-    "ar_train": ["flextok.ar", "pipeline.train_common", "pipeline.train_loop"],
-    "inception": ["pipeline.inception", "pipeline.features"],
-    "sweep": ["pipeline.sweep"],
-    "pretokenize": ["pipeline.pretokenize", "pipeline.preprocess", "ray"],
-    "ray_train": ["pipeline.train_tokenizer", "pipeline.train_loop", "ray"],
+    "ar_train": ["flextok.ar", "pipeline.train.common", "pipeline.train.loop"],
+    "inception": ["pipeline.inception", "pipeline.eval.features"],
+    "sweep": ["pipeline.eval.sweep"],
+    "pretokenize": ["pipeline.data.pretokenize", "pipeline.data.preprocess", "ray"],
+    "ray_train": ["pipeline.train.tokenizer", "pipeline.train.loop", "ray"],
 }
 
 
@@ -751,7 +751,7 @@ def dry_run(names: list[str], s: Sizes) -> int:
     """Check, without running anything heavy: every row's imports exist (ray may be absent: those rows then
     say so), every model config the rows build is valid, and sizes fit together. Returns the exit status."""
     from flextok.ar import ar_preset
-    from pipeline.sweep import check_ks
+    from pipeline.eval.sweep import check_ks
 
     problems = []
     for name in names:

@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from flextok import FlexTok, preset  # noqa: E402
 from flextok.config import tiny  # noqa: E402
-from pipeline.corpus import SCHEMA, output_fs, read_markers, tokens_table, write_table_corpus  # noqa: E402
-from pipeline.preprocess import center_crop_adm, decode_image, to_model_input  # noqa: E402
-from pipeline.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize, tokenizer_meta  # noqa: E402
+from pipeline.data.corpus import SCHEMA, output_fs, read_markers, tokens_table, write_table_corpus  # noqa: E402
+from pipeline.data.preprocess import center_crop_adm, decode_image, to_model_input  # noqa: E402
+from pipeline.data.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize, tokenizer_meta  # noqa: E402
 
 SAMPLE = Path(os.environ.get("FLEXTOK_SHARED", REPO.parent / "shared")) / "data" / "imagenet-sample"
 

@@ -4,8 +4,8 @@
     .venv/bin/python bench/scale.py              # pretokenize 10k, 100k, 1.28M; sweep 5k, 50k; corpus readers 1.28M
     .venv/bin/python bench/scale.py --pretokenize 10000,100000 --sweep 5000 --corpus-rows 0
 
-The real pipeline code runs end to end: webdataset sources (pipeline.sources: tar streams, image decoding,
-ADM crop), pretokenization (pipeline.pretokenize: read tasks, an actor pool, the driver's per-shard gather and
+The real pipeline code runs end to end: webdataset sources (pipeline.data.sources: tar streams, image decoding,
+ADM crop), pretokenization (pipeline.data.pretokenize: read tasks, an actor pool, the driver's per-shard gather and
 commits, the manifest), the reconstruction sweep as jobs/eval_sweep.py composes it (image_dataset ->
 ReconstructStage -> Inception stage -> sweep.Collector -> partial chunks -> sweep.gather -> report.summarize),
 and the corpus readers (read_corpus, CorpusDataset). Only the neural networks are stand-ins, so that the
@@ -50,9 +50,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.features import InceptionStage, ordered_execution  # noqa: E402
-from pipeline.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize  # noqa: E402
-from pipeline.sweep import ReconstructStage  # noqa: E402
+from pipeline.data.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize  # noqa: E402
+from pipeline.eval.features import InceptionStage, ordered_execution  # noqa: E402
+from pipeline.eval.sweep import ReconstructStage  # noqa: E402
 
 RESOLUTION = 32  # the stand-in tokenizer's image size (the `tiny` preset's)
 NUM_TOKENS = 32
@@ -160,7 +160,7 @@ class StandInReconstructStage(ReconstructStage):
     """The sweep's model stage with StandInFlexTok in place of the checkpoint."""
 
     def __init__(self, ks, settings, grid_keys, real_features, device="cpu", threads=None):
-        from pipeline.sweep import DecodeSettings
+        from pipeline.eval.sweep import DecodeSettings
 
         self.model = StandInFlexTok(RESOLUTION, NUM_TOKENS)
         self.ks, self.s = ks, DecodeSettings(**settings)
@@ -291,10 +291,10 @@ def sweep_at(n: int, work: Path, sampler: Sampler, base_rss: int) -> Row:
     """jobs/eval_sweep.py's composition, stand-in stages, reference computed in the same pass."""
     import ray
 
-    from pipeline import report
-    from pipeline import sweep as S
-    from pipeline.fid import Reference
-    from pipeline.sources import image_dataset
+    from pipeline.data.sources import image_dataset
+    from pipeline.eval import report
+    from pipeline.eval import sweep as S
+    from pipeline.eval.fid import Reference
 
     out = work / f"sweep-{n}"
     settings = S.DecodeSettings(timesteps=1, decode_batch=64)

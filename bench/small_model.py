@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flextok import FlexTok  # noqa: E402
+from pipeline.data.preprocess import center_crop_adm, decode_image, to_model_input, to_rgb  # noqa: E402
 from pipeline.image_metrics import pixel_metrics  # noqa: E402
 from pipeline.inception import model_output_to_uint8  # noqa: E402
-from pipeline.preprocess import center_crop_adm, decode_image, to_model_input, to_rgb  # noqa: E402
 
 
 def load_photos(folder: Path, listing: Path, resolution: int, limit: int | None) -> np.ndarray:

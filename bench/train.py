@@ -11,7 +11,7 @@ AR training consumes.
     python bench/train.py --task tokenizer --steps 30
     python bench/train.py --rows 256 --steps 40 --compare-unmaterialized   # a small corpus: many epochs
 
-Both loops run the same `pipeline.train_loop.train_step` (objective, AdamW, schedule, clipping, EMA) and the
+Both loops run the same `pipeline.train.loop.train_step` (objective, AdamW, schedule, clipping, EMA) and the
 same malloc settings (pipeline.malloc). The Ray Train figure is the run's own steps/s over its metric windows
 (data waits included); its compute fraction is the time spent inside train_step.
 """
@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.train_common import LoopConfig, make_optimizer, read_metrics  # noqa: E402
+from pipeline.train.common import LoopConfig, make_optimizer, read_metrics  # noqa: E402
 
 
 def write_corpus(folder: str, rows: int, k: int, seed: int = 0) -> None:
     """A synthetic corpus: Zipf-distributed tokens (a few thousand distinct ids), random labels."""
-    from pipeline.corpus import CorpusMeta, tokens_table, write_table_corpus
+    from pipeline.data.corpus import CorpusMeta, tokens_table, write_table_corpus
 
     rng = np.random.default_rng(seed)
     tokens = np.minimum(rng.zipf(1.3, size=(rows, k)) - 1, 63999)
@@ -48,8 +48,8 @@ def write_corpus(folder: str, rows: int, k: int, seed: int = 0) -> None:
 def plain_loop(task, batches: list[dict], cfg: LoopConfig, warmup: int) -> float:
     """Steps/s of a single-process loop after `warmup` steps: the same `train_step` (objective, AdamW,
     schedule, clipping, EMA) as the Ray Train workers, on batches held in memory."""
-    from pipeline.train_common import EMA
-    from pipeline.train_loop import MODEL_PREFIX, train_step
+    from pipeline.train.common import EMA
+    from pipeline.train.loop import MODEL_PREFIX, train_step
 
     torch.manual_seed(cfg.seed)
     model = task.build()
@@ -66,7 +66,7 @@ def plain_loop(task, batches: list[dict], cfg: LoopConfig, warmup: int) -> float
 def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: str) -> tuple[float, float, float]:
     """(steady steps/s and compute fraction from the run's metrics, skipping the first window; wall seconds
     including start-up)."""
-    from pipeline.train_loop import Run, Scaling, run_training
+    from pipeline.train.loop import Run, Scaling, run_training
 
     start = time.perf_counter()
     result = run_training(
@@ -88,8 +88,8 @@ def loader_tokens_per_s(corpus: str, batch: int, null_class: int, k: int, passes
     """(Ray Data read_corpus + TokenCollate, CorpusDataset + DataLoader) tokens/s over full passes."""
     from torch.utils.data import DataLoader
 
-    from pipeline.corpus import CorpusDataset
-    from pipeline.train_ar import TokenCollate, corpus_for_training
+    from pipeline.data.corpus import CorpusDataset
+    from pipeline.train.ar import TokenCollate, corpus_for_training
 
     ds = corpus_for_training(corpus, materialize_bytes=2**40)
     n = 0
@@ -143,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.task == "ar":
             from flextok.ar import ar_preset
-            from pipeline.train_ar import ARTask, TokenCollate, corpus_for_training
+            from pipeline.train.ar import ARTask, TokenCollate, corpus_for_training
 
             k = 32
             write_corpus(f"{tmp}/corpus", args.rows, k)
@@ -154,8 +154,8 @@ def main() -> None:
             batches = [collate(b) for b in dataset.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")]
         else:
             from flextok import preset
-            from pipeline.preprocess import to_model_input
-            from pipeline.train_tokenizer import TokenizerTask
+            from pipeline.data.preprocess import to_model_input
+            from pipeline.train.tokenizer import TokenizerTask
 
             images = np.random.default_rng(0).integers(0, 256, (args.rows, 32, 32, 3), dtype=np.uint8)
             task = TokenizerTask(model=preset("tiny").to_dict(), hflip=False)

@@ -195,7 +195,7 @@ def copy_heldout(images: Path, out: Layout) -> None:
 
 def ks_text(value: str | list) -> str:
     """--ks as the sweeps' command lines take it ("1,2,4"), from a flag or a YAML list."""
-    from pipeline.sweep import parse_ks
+    from pipeline.eval.sweep import parse_ks
 
     try:
         return ",".join(str(k) for k in parse_ks(value))

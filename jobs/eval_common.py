@@ -18,7 +18,7 @@ from jobs.resources import (
     threads,
     warn_if_short,
 )
-from pipeline.features import Resources
+from pipeline.eval.features import Resources
 
 
 def add_inception_args(parser: argparse.ArgumentParser, own_stage: bool = False) -> None:
@@ -113,7 +113,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sweep_ks(value: str | list, num_registers: int) -> tuple[int, ...]:
-    from pipeline.sweep import check_ks, parse_ks
+    from pipeline.eval.sweep import check_ks, parse_ks
 
     try:
         return check_ks(parse_ks(value), num_registers)
@@ -159,7 +159,7 @@ def inception_setup(args: argparse.Namespace) -> tuple[Path, str, bool]:
 
 def checked_reference(path: Path, identity: str, resolution: int):
     """A reference .npz that fits the samples: same extractor, same image size (when it records them)."""
-    from pipeline.fid import load_reference
+    from pipeline.eval.fid import load_reference
 
     try:
         ref = load_reference(path)
@@ -175,16 +175,16 @@ def checked_reference(path: Path, identity: str, resolution: int):
 
 
 def metric_options(args: argparse.Namespace):
-    from pipeline.report import MetricOptions
+    from pipeline.eval.report import MetricOptions
 
     return MetricOptions(args.prc, args.kid, args.kid_subsets, args.kid_subset_size, args.feature_subset)
 
 
 def run_sweep(spec, rows) -> None:
-    """pipeline.sweep_run.run_sweep with its errors as one line each; prints the job's JSON result."""
-    from pipeline.sweep_results import ResumeMismatchError
-    from pipeline.sweep_run import NothingToScoreError
-    from pipeline.sweep_run import run_sweep as run
+    """pipeline.eval.sweep_run.run_sweep with its errors as one line each; prints the job's JSON result."""
+    from pipeline.eval.sweep_results import ResumeMismatchError
+    from pipeline.eval.sweep_run import NothingToScoreError
+    from pipeline.eval.sweep_run import run_sweep as run
 
     try:
         outcome = run(spec, rows, progress)

@@ -29,7 +29,7 @@ from jobs.eval_common import (
     stage_resources,
 )
 from jobs.resources import Cluster, Plan, actor_stage_plan, cluster_now, init_ray, warn_if_short
-from pipeline import fid as F
+from pipeline.eval import fid as F
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +76,9 @@ def load_side(name: str, src: list[str], identity: str) -> Side:
 
 
 def compute_side(name: str, src: list[str], args, weights: Path, identity: str, keep: bool, logits: bool) -> Side:
-    from pipeline.features import collect_features, ordered_execution, with_inception_features
-    from pipeline.preprocess import PREPROCESSING
-    from pipeline.sources import InputError, image_dataset
+    from pipeline.data.preprocess import PREPROCESSING
+    from pipeline.data.sources import InputError, image_dataset
+    from pipeline.eval.features import collect_features, ordered_execution, with_inception_features
 
     res = inception_resources(args)
 

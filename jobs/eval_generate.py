@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     check_sweep_args(args)
     check_resource_args(args)
 
-    from pipeline import generate as G
-    from pipeline import sweep as S
-    from pipeline.report import Report
-    from pipeline.sweep_run import SweepSpec, run_fingerprint
+    from pipeline.eval import generate as G
+    from pipeline.eval import sweep as S
+    from pipeline.eval.report import Report
+    from pipeline.eval.sweep_run import SweepSpec, run_fingerprint
 
     # every check before any work
     # the actors load the models; the driver reads their files

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_corpus(inputs: list[str]) -> bool:
-    """A single folder with the corpus's commit markers (pipeline.corpus) is a token corpus."""
-    from pipeline.corpus import UNITS_DIR, join, output_fs
+    """A single folder with the corpus's commit markers (pipeline.data.corpus) is a token corpus."""
+    from pipeline.data.corpus import UNITS_DIR, join, output_fs
 
     if len(inputs) != 1:
         return False
@@ -61,8 +61,8 @@ def is_corpus(inputs: list[str]) -> bool:
 
 def check_corpus(path: str, model_sha256: str, ks: tuple[int, ...], resolution: int) -> str:
     """The corpus's augment mode, once it is known to fit the model and the k's."""
-    from pipeline.corpus import corpus_files
-    from pipeline.sweep import check_sweepable
+    from pipeline.data.corpus import corpus_files
+    from pipeline.eval.sweep import check_sweepable
 
     try:
         _, _, meta = corpus_files(path)
@@ -84,12 +84,12 @@ def check_corpus(path: str, model_sha256: str, ks: tuple[int, ...], resolution: 
 
 def source_dataset(args: argparse.Namespace, augment: str | None, resolution: int):
     """The inputs as rows (images, or a corpus's un-augmented token rows when `augment` is its mode)."""
-    from pipeline.sources import InputError, image_dataset
-    from pipeline.sweep import center_views
+    from pipeline.data.sources import InputError, image_dataset
+    from pipeline.eval.sweep import center_views
 
     try:
         if augment is not None:
-            from pipeline.corpus import read_corpus
+            from pipeline.data.corpus import read_corpus
 
             ds = center_views(read_corpus(args.input[0]), augment)
         else:
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     check_sweep_args(args)
     check_resource_args(args)
 
-    from pipeline import sweep as S
-    from pipeline.features import ordered_execution
-    from pipeline.preprocess import PREPROCESSING
-    from pipeline.report import Report
-    from pipeline.sweep_run import InPassReference, SweepSpec, run_fingerprint
+    from pipeline.data.preprocess import PREPROCESSING
+    from pipeline.eval import sweep as S
+    from pipeline.eval.features import ordered_execution
+    from pipeline.eval.report import Report
+    from pipeline.eval.sweep_run import InPassReference, SweepSpec, run_fingerprint
 
     # every check before any work: model, k's, Inception, reference, input
     info, model_sha256 = flextok_info(args.model)  # the actors load the model; the driver reads its files

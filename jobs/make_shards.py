@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--shard-size must be positive, got {args.shard_size}")
     from webdataset import TarWriter
 
-    from pipeline.corpus import join, output_fs
-    from pipeline.sources import InputError, expand_inputs
+    from pipeline.data.corpus import join, output_fs
+    from pipeline.data.sources import InputError, expand_inputs
 
     try:
         shards = expand_inputs([args.input], args.labels, folder_chunk=args.shard_size)

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--{name} is required")
     if problem := check_args(args):
         fail(problem)
-    from pipeline.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize, tokenizer_meta
-    from pipeline.sources import InputError
+    from pipeline.data.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize, tokenizer_meta
+    from pipeline.data.sources import InputError
 
     cfg = PretokenizeConfig(
         model=args.model,

@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     loop = loop_config(args)
 
     from flextok.ar import ar_preset
-    from pipeline.corpus import corpus_files
-    from pipeline.train_ar import ARTask, corpus_for_training
-    from pipeline.train_loop import run_training
+    from pipeline.data.corpus import corpus_files
+    from pipeline.train.ar import ARTask, corpus_for_training
+    from pipeline.train.loop import run_training
 
     try:
         _, _, meta = corpus_files(args.corpus)

@@ -5,7 +5,7 @@
         --output s3://bucket/runs/tok-a
     (run the same command again to resume a stopped or failed run from its latest checkpoint)
 
-Inputs are read exactly as the pretokenize job reads them (pipeline.sources: .tar shards, .parquet,
+Inputs are read exactly as the pretokenize job reads them (pipeline.data.sources: .tar shards, .parquet,
 image folders; ADM center crop). Checkpoints: OUTPUT/checkpoint_<step>/{model,ema} load with
 `FlexTok.from_pretrained`. Details: docs/training.md.
 """
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_config(args)
     loop = loop_config(args)
 
-    from pipeline.repa import TeacherSpec
-    from pipeline.sources import InputError, image_dataset
-    from pipeline.train_loop import run_training
-    from pipeline.train_tokenizer import TokenizerTask, training_images
+    from pipeline.data.sources import InputError, image_dataset
+    from pipeline.train.loop import run_training
+    from pipeline.train.repa import TeacherSpec
+    from pipeline.train.tokenizer import TokenizerTask, training_images
 
     teacher = TeacherSpec(
         kind=args.repa_teacher,

@@ -17,14 +17,14 @@ from jobs.resources import (
     training_plan,
     warn_if_short,
 )
-from pipeline.train_common import LoopConfig
+from pipeline.train.common import LoopConfig
 
 D = LoopConfig()
 COPY_CHUNK = 16 * 2**20  # bytes per read when exporting weights (a d30 model is ~5 GB)
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    """The run, scaling and loop options (defaults from pipeline.train_common.LoopConfig)."""
+    """The run, scaling and loop options (defaults from pipeline.train.common.LoopConfig)."""
     run = p.add_argument_group("run (resume: run again with the same --output)")
     run.add_argument("--output", help="the run folder, a path or fsspec URL: checkpoints, metrics (required)")
     run.add_argument("--strategy", choices=["ddp", "fsdp"], default=D.strategy, help="data parallelism (ddp)")
@@ -82,7 +82,7 @@ def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
 
 def scaling_and_run(args: argparse.Namespace):
     """The Ray Train workers, fitted to the cluster (this joins or starts Ray), and the run's folder."""
-    from pipeline.train_loop import Run, Scaling, split_output
+    from pipeline.train.loop import Run, Scaling, split_output
 
     try:
         split_output(args.output)

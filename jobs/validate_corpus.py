@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.corpus_dir or args.corpus
     if not path:
         fail("give the corpus folder (positional or --corpus)")
-    from pipeline.corpus import validate_corpus
+    from pipeline.data.corpus import validate_corpus
 
     try:
         v = validate_corpus(path)

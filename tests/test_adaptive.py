@@ -1,4 +1,4 @@
-"""Per-image length search (pipeline.adaptive): bisection logic on fake decoders, then on the tiny model."""
+"""Per-image length search (pipeline.data.adaptive): bisection logic on fake decoders, then on the tiny model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adaptive import (
+from pipeline.data.adaptive import (
     Criterion,
     Decoding,
     PSNRScorer,

@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader
 from jobs import pretokenize as pretokenize_job
 from jobs import validate_corpus as validate_job
 from jobs.common import run_main
-from pipeline.adaptive import Criterion, Decoding, PSNRScorer, decode_prefixes, image_noise, search_lengths
-from pipeline.adaptive_stage import image_seed
-from pipeline.corpus import SCHEMA, CorpusDataset, CorpusMeta, pad_collate, read_corpus, validate_corpus
-from pipeline.preprocess import PREPROCESSING, center_crop_adm, decode_image, to_model_input
-from pipeline.train_ar import TokenCollate
+from pipeline.data.adaptive import Criterion, Decoding, PSNRScorer, decode_prefixes, image_noise, search_lengths
+from pipeline.data.adaptive_stage import image_seed
+from pipeline.data.corpus import SCHEMA, CorpusDataset, CorpusMeta, pad_collate, read_corpus, validate_corpus
+from pipeline.data.preprocess import PREPROCESSING, center_crop_adm, decode_image, to_model_input
+from pipeline.train.ar import TokenCollate
 
 LADDER = [1, 2, 4, 8, 16, 32]
 DEC = Decoding(timesteps=2)
@@ -155,8 +155,8 @@ def test_actor_gives_each_image_its_searched_prefix_and_passes_other_rows_throug
     """The Ray Data stage's batch function alone (no cluster): one image row per photo plus an error row."""
     import pyarrow as pa
 
-    from pipeline.adaptive_stage import AdaptiveTokenizeActor
-    from pipeline.pretokenize import IMAGES_SCHEMA
+    from pipeline.data.adaptive_stage import AdaptiveTokenizeActor
+    from pipeline.data.pretokenize import IMAGES_SCHEMA
 
     files, crops = photos
     actor = AdaptiveTokenizeActor.__new__(AdaptiveTokenizeActor)
@@ -184,7 +184,7 @@ def test_a_written_variable_length_corpus_validates_and_reads_back_without_ray(t
     """The writer, manifest, validation and CorpusDataset on rows of lengths 1, 4 and 32 (no cluster needed)."""
     import pyarrow as pa
 
-    from pipeline.corpus import adaptive_stats, commit_unit, output_fs, write_summary
+    from pipeline.data.corpus import adaptive_stats, commit_unit, output_fs, write_summary
 
     meta = CorpusMeta(
         "tiny", "0" * 64, 64000, 32, 32, 32, "none", PREPROCESSING, adaptive_criterion="psnr", adaptive_target="20",

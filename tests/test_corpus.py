@@ -12,7 +12,7 @@ import torch
 from shards import sample_labels
 from torch.utils.data import DataLoader
 
-from pipeline.corpus import (
+from pipeline.data.corpus import (
     CorpusDataset,
     CorpusMeta,
     read_corpus,
@@ -20,7 +20,7 @@ from pipeline.corpus import (
     validate_corpus,
     write_table_corpus,
 )
-from pipeline.preprocess import PREPROCESSING
+from pipeline.data.preprocess import PREPROCESSING
 
 META = CorpusMeta(
     tokenizer="EPFL-VILAB/flextok_d18_d28_in1k",

@@ -15,7 +15,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from jobs.common import JobError
-from pipeline.fid import (
+from pipeline.eval.fid import (
     FeatureStats,
     FrechetReference,
     Reference,

@@ -13,11 +13,11 @@ import torch
 from flextok.ar import ARModel, ar_preset
 from flextok.checkpoint import weights_digest
 from jobs.common import JobError
-from pipeline import generate as G
-from pipeline import sweep_results as SR
-from pipeline.fid import FeatureStats, FrechetReference, Reference, load_reference, low_rank_factor, save_reference
+from pipeline.data.preprocess import PREPROCESSING
+from pipeline.eval import generate as G
+from pipeline.eval import sweep_results as SR
+from pipeline.eval.fid import FeatureStats, FrechetReference, Reference, load_reference, low_rank_factor, save_reference
 from pipeline.inception import Inception
-from pipeline.preprocess import PREPROCESSING
 
 N, KS = 6, "1,32"
 

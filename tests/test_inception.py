@@ -134,7 +134,7 @@ def test_weights_with_a_classifier_give_logits(inception_weights, net, tmp_path)
 
 def test_the_inception_stage_runs_with_the_stage_torch_threads(inception_weights):
     """Ray gives a fractional-CPU actor one OpenMP thread; the stage must set the threads it was given."""
-    from pipeline.features import Resources, with_inception_features
+    from pipeline.eval.features import Resources, with_inception_features
 
     class RecordingDataset:
         def map_batches(self, fn, fn_constructor_kwargs, **kwargs):

@@ -14,8 +14,8 @@ import pyarrow.dataset as pads
 import pytest
 from ray_nodes import EXCLUDES, LocalRayNode, wait_for_job
 
-from pipeline.corpus import validate_corpus
-from pipeline.preprocess import center_crop_adm, decode_image, to_model_input
+from pipeline.data.corpus import validate_corpus
+from pipeline.data.preprocess import center_crop_adm, decode_image, to_model_input
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 8

@@ -125,7 +125,7 @@ def test_tokenizer_checkpoints_and_export_are_in_the_bucket(tokenizer, root, s3)
 def corpus(root, shards, tokenizer, s3) -> dict:
     """Pretokenize three times: a run that crashes after its first commit, the rerun that resumes it, and a
     rerun over the finished corpus. Returns the corpus URL and what each run committed."""
-    import pipeline.pretokenize as P
+    import pipeline.data.pretokenize as P
 
     url = f"{root}/corpus"
     argv = ("--model", tokenizer, "--input", shards, "--output", url, "--batch-size", "4")
@@ -174,7 +174,7 @@ def test_a_rerun_over_the_finished_corpus_adds_nothing(corpus):
 
 
 def test_the_corpus_in_the_bucket_validates(corpus, capsys):
-    from pipeline.corpus import validate_corpus
+    from pipeline.data.corpus import validate_corpus
 
     assert run_job("validate_corpus", corpus["url"]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
@@ -199,7 +199,7 @@ def ar(root, corpus) -> str:
 def test_ar_run_resumed_from_its_checkpoint_in_the_bucket(ar, root, s3):
     import torch
 
-    from pipeline.train_common import read_events, read_metrics
+    from pipeline.train.common import read_events, read_metrics
 
     run = f"{root}/runs/ar"
     events = read_events(f"{run}/tensorboard")
@@ -228,7 +228,7 @@ def reference(root, shards, inception_weights) -> str:
 
 
 def test_eval_fid_saves_statistics_to_the_bucket_and_reads_them_back(reference, shards, inception_weights, capsys):
-    from pipeline.fid import load_reference
+    from pipeline.eval.fid import load_reference
 
     assert load_reference(reference).n == NUM_IMAGES
     capsys.readouterr()

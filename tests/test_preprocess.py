@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from shards import png_header_only
 
-from pipeline.preprocess import (
+from pipeline.data.preprocess import (
     ImageDecodeError,
     ImageTooLargeError,
     augment_ids,

@@ -17,9 +17,9 @@ from shards import copy_subset, png_header_only, sample_files, sample_labels, ta
 from flextok.checkpoint import weights_digest
 from jobs import pretokenize as pretokenize_job
 from jobs import validate_corpus as validate_job
-from pipeline.corpus import ERRORS_SCHEMA, SCHEMA, CorpusMeta, validate_corpus
-from pipeline.preprocess import PREPROCESSING, center_crop_adm, decode_image, to_model_input
-from pipeline.pretokenize import (
+from pipeline.data.corpus import ERRORS_SCHEMA, SCHEMA, CorpusMeta, validate_corpus
+from pipeline.data.preprocess import PREPROCESSING, center_crop_adm, decode_image, to_model_input
+from pipeline.data.pretokenize import (
     JobInputError,
     PretokenizeConfig,
     TokenizeActor,
@@ -27,7 +27,7 @@ from pipeline.pretokenize import (
     run_pretokenize,
     unit_name,
 )
-from pipeline.sources import expand_inputs
+from pipeline.data.sources import expand_inputs
 
 META = CorpusMeta("tiny", "0" * 64, 64000, 32, 32, 32, "none", PREPROCESSING)
 
@@ -362,7 +362,7 @@ def test_actor_tokenizes_image_rows_and_passes_other_rows_through(tiny_model, im
     """The actor's batch function alone: image rows -> tokens, error/trailer rows pass through as null."""
     actor = TokenizeActor.__new__(TokenizeActor)
     actor.model, actor.resolution, actor.num_tokens = tiny_model, 32, 32
-    from pipeline.pretokenize import IMAGES_SCHEMA
+    from pipeline.data.pretokenize import IMAGES_SCHEMA
 
     files = sample_files(imagenet_sample, 3)
     crops = [center_crop_adm(decode_image(f.read_bytes()), 32) for f in files]

@@ -106,7 +106,7 @@ def test_stage_given_a_gpu_without_cuda_fails_naming_the_stage_and_the_devices_i
 
 def test_ray_train_workers_given_gpus_check_cuda_before_nccl(monkeypatch):
     """The backend runs the check on every worker before it sets up the process group."""
-    from pipeline.train_loop import cuda_checked_torch_config
+    from pipeline.train.loop import cuda_checked_torch_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     calls = []
@@ -180,9 +180,9 @@ FAKE_GPU_RAY = textwrap.dedent(
     old = [Stage("decode", 1, 1.0, 1.0), Stage("inception", 1, 1.0, 1.0)]  # the old sweep plan on 1 GPU
     out["old sweep plan"] = {"gpus": 2.0, "placed": fits_at_once(old, timeout=5)}
 
-    from pipeline.features import InceptionStage
-    from pipeline.pretokenize import TokenizeActor
-    from pipeline.sweep import ReconstructStage
+    from pipeline.eval.features import InceptionStage
+    from pipeline.data.pretokenize import TokenizeActor
+    from pipeline.eval.sweep import ReconstructStage
     actors = {
         "inception": ray.remote(InceptionStage).options(num_gpus=0.25, num_cpus=0.1).remote("w.pth", device="cuda"),
         "tokenize": ray.remote(TokenizeActor).options(num_gpus=0.25, num_cpus=0.1).remote("m", 32, 32, True, 1),

@@ -12,8 +12,8 @@ import pytest
 from shards import copy_subset, sample_files, sample_labels, tar_of_samples, write_tar
 
 from jobs import make_shards
-from pipeline.preprocess import center_crop_adm, decode_image
-from pipeline.sources import (
+from pipeline.data.preprocess import center_crop_adm, decode_image
+from pipeline.data.sources import (
     BAD_KEY,
     BAD_LABEL,
     CORRUPT_SHARD,
@@ -162,10 +162,10 @@ def test_tar_bad_members_become_error_records(tmp_path: Path, imagenet_sample: P
 
 
 def test_tar_member_above_the_size_cap_is_an_error_record_and_not_read(tmp_path, imagenet_sample, monkeypatch):
-    import pipeline.sources
+    import pipeline.data.sources
 
     jpg = sample_files(imagenet_sample, 1)[0].read_bytes()
-    monkeypatch.setattr(pipeline.sources, "MAX_MEMBER_BYTES", len(jpg))
+    monkeypatch.setattr(pipeline.data.sources, "MAX_MEMBER_BYTES", len(jpg))
     tar = write_tar(tmp_path / "big.tar", [("a.jpg", jpg), ("big.jpg", jpg + b"x"), ("big.cls", b"1"), ("c.jpg", jpg)])
     recs = records([str(tar)])
     assert [(r.key, r.error_class) for r in recs] == [("a", None), ("big", TOO_LARGE), ("c", None)]

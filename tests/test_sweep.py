@@ -19,12 +19,12 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 
 from flextok.checkpoint import weights_digest
 from jobs.common import JobError
-from pipeline import sweep as S
-from pipeline import sweep_results as SR
-from pipeline.fid import FeatureStats, FrechetReference, Reference, low_rank_factor, save_reference
+from pipeline.eval import sweep as S
+from pipeline.eval import sweep_results as SR
+from pipeline.eval.fid import FeatureStats, FrechetReference, Reference, low_rank_factor, save_reference
+from pipeline.eval.report import MetricOptions, fid_figure, metrics_for_k
 from pipeline.image_metrics import MAX_PSNR, pixel_metrics
 from pipeline.inception import FEATURE_DIM
-from pipeline.report import MetricOptions, fid_figure, metrics_for_k
 
 N, KS = 8, "1,4,32"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
+from pipeline.data.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
 
 
 def write_corpus(folder, rows: int = 40, k: int = 8) -> None:
@@ -19,7 +19,7 @@ def write_corpus(folder, rows: int = 40, k: int = 8) -> None:
 def test_a_small_corpus_is_materialized_once_and_a_large_one_streams(ray_session, tmp_path):
     from ray.data.dataset import MaterializedDataset
 
-    from pipeline.train_ar import corpus_for_training
+    from pipeline.train.ar import corpus_for_training
 
     write_corpus(tmp_path)
     small = corpus_for_training(str(tmp_path), k=4)  # 40 rows: far below the default threshold

@@ -14,9 +14,8 @@ import torch
 
 from flextok import FlexTok, preset
 from flextok.ar import ARModel, ar_preset
-from pipeline.repa import DINOv2Teacher, Projector, RandomConvTeacher, repa_loss, to_grid
-from pipeline.train_ar import ARObjective, ARTask, TokenCollate
-from pipeline.train_common import (
+from pipeline.train.ar import ARObjective, ARTask, TokenCollate
+from pipeline.train.common import (
     EMA,
     LoopConfig,
     MetricsLog,
@@ -29,8 +28,9 @@ from pipeline.train_common import (
     save_train_state,
     step_generator,
 )
-from pipeline.train_loop import accumulation_groups
-from pipeline.train_tokenizer import ImageCollate, TokenizerObjective, TokenizerTask
+from pipeline.train.loop import accumulation_groups
+from pipeline.train.repa import DINOv2Teacher, Projector, RandomConvTeacher, repa_loss, to_grid
+from pipeline.train.tokenizer import ImageCollate, TokenizerObjective, TokenizerTask
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -329,7 +329,7 @@ def test_loop_in_local_mode_checkpoints_model_ema_and_optimizer(ray_session, tmp
     the weights, metrics, and a checkpoint that loads."""
     import ray
 
-    from pipeline.train_loop import Run, Scaling, run_training
+    from pipeline.train.loop import Run, Scaling, run_training
 
     rows = corpus_rows([[i % 7, (i * 3) % 11, 5, 1] for i in range(64)], [i % 10 for i in range(64)])
     cfg = LoopConfig(steps=4, batch_size=8, grad_accum=2, lr=1e-2, checkpoint_every=2, log_every=1, ema_decay=0.5)

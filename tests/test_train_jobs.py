@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from flextok import FlexTok
 from flextok.ar import ARModel
-from pipeline.train_common import read_events, read_metrics
+from pipeline.train.common import read_events, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_STEPS = 1000
@@ -56,8 +56,8 @@ def loss_ends(run: Path, key: str = "loss", n: int = 3) -> tuple[float, float]:
 
 def sample_images(folder: Path, size: int, n: int) -> tuple[torch.Tensor, list[int]]:
     """The first n photos (sorted), ADM center-cropped, as model input [n, 3, size, size]; their labels."""
-    from pipeline.preprocess import center_crop_adm, decode_image, to_model_input
-    from pipeline.sources import read_labels_csv
+    from pipeline.data.preprocess import center_crop_adm, decode_image, to_model_input
+    from pipeline.data.sources import read_labels_csv
 
     labels = read_labels_csv(str(folder / "labels.csv"))
     files = sorted(labels)[:n]
@@ -121,8 +121,8 @@ def test_tokenizer_checkpoints_load_with_from_pretrained(tokenizer_run):
 def corpus(tokenizer_run, imagenet_sample, tmp_path_factory) -> Path:
     """The sample tokenized by the trained tokenizer (and its horizontal flips), in the corpus format."""
     from flextok.checkpoint import weights_digest
-    from pipeline.corpus import CorpusMeta, tokens_table, write_table_corpus
-    from pipeline.preprocess import PREPROCESSING
+    from pipeline.data.corpus import CorpusMeta, tokens_table, write_table_corpus
+    from pipeline.data.preprocess import PREPROCESSING
 
     model = FlexTok.from_pretrained(latest_checkpoint(tokenizer_run) / "ema")
     images, labels = sample_images(imagenet_sample, model.cfg.image_size, 250)
@@ -146,7 +146,7 @@ def corpus(tokenizer_run, imagenet_sample, tmp_path_factory) -> Path:
 
 def unigram_entropy(corpus: Path) -> float:
     """Entropy (nats) of the corpus's token frequencies."""
-    from pipeline.corpus import CorpusDataset
+    from pipeline.data.corpus import CorpusDataset
 
     counts = Counter(t for tokens, _ in CorpusDataset(str(corpus)) for t in tokens.tolist())
     p = np.array(list(counts.values()), np.float64) / sum(counts.values())
@@ -167,7 +167,7 @@ def test_ar_loss_falls_below_the_unigram_entropy(ar_run, corpus):
     entropy = unigram_entropy(corpus)
     first, last = loss_ends(ar_run)
     model = ARModel.from_pretrained(latest_checkpoint(ar_run) / "model")
-    from pipeline.corpus import CorpusDataset
+    from pipeline.data.corpus import CorpusDataset
 
     rows = list(CorpusDataset(str(corpus)))
     tokens = torch.stack([t for t, _ in rows])

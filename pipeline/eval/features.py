@@ -1,6 +1,6 @@
 """Inception features on Ray Data: actors hold the network, the driver merges statistics.
 
-    ds = image_dataset(urls, resolution)                      # pipeline.sources: rows key, label, image, ...
+    ds = image_dataset(urls, resolution)                      # pipeline.data.sources: rows key, label, image, ...
     ds = with_inception_features(ds, weights, Resources())    # + features [2048] (+ logits); image dropped
     got = collect_features(ds)                                # driver: FeatureStats merged batch by batch
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .devices import stage_device
+from ..devices import stage_device
+from ..inception import FEATURE_DIM, Inception
 from .fid import FeatureStats
-from .inception import FEATURE_DIM, Inception
 
 
 @dataclass

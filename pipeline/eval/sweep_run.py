@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .corpus import join
+from ..data.corpus import join
 from .features import Resources, ordered_execution, with_inception_features
 from .fid import Reference, save_reference
 from .report import MetricOptions, Report, summarize, write_outputs

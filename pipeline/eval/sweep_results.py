@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .corpus import join, output_fs
+from ..data.corpus import join, output_fs
+from ..inception import FEATURE_DIM
 from .fid import FeatureStats
-from .inception import FEATURE_DIM
 from .sweep import ERROR, REAL
 
 PIXEL_METRICS = ("mse", "psnr", "ssim")

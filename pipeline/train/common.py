@@ -1,7 +1,7 @@
 """What the tokenizer and the AR training loops share: schedule, EMA, parallel wrapping, randomness,
 checkpoints (our `save_pretrained` format + optimizer state) and metrics logs.
 
-Pure helpers; the loop itself (`pipeline.train_loop`) runs inside Ray Train workers.
+Pure helpers; the loop itself (`pipeline.train.loop`) runs inside Ray Train workers.
 
 A checkpoint is a folder:
     model/              the trained weights, `save_pretrained` format (FlexTok.from_pretrained / ARModel...)

@@ -44,7 +44,7 @@ SCHEMA = pa.schema(
         pa.field("tokens", pa.list_(pa.field("element", pa.uint16())), nullable=False),  # ordered; any prefix is valid
         pa.field("num_tokens", pa.int16(), nullable=False),  # len(tokens)
         pa.field("source", pa.string(), nullable=False),  # input shard URL
-        pa.field("aug", pa.int16(), nullable=False),  # augmentation id, 0 = none (see pipeline.preprocess)
+        pa.field("aug", pa.int16(), nullable=False),  # augmentation id, 0 = none (see pipeline.data.preprocess)
     ]
 )
 ERRORS_SCHEMA = pa.schema(
@@ -90,7 +90,7 @@ class CorpusMeta:
     pipeline_version: str = PIPELINE_VERSION
     # Adaptive corpora only (pretokenize --adaptive): each row holds its own prefix, num_tokens is the ladder's
     # largest k. Empty for fixed-K corpora, whose metadata then has no such keys (as before they existed).
-    adaptive_criterion: str = ""  # psnr | inception (pipeline.adaptive)
+    adaptive_criterion: str = ""  # psnr | inception (pipeline.data.adaptive)
     adaptive_target: str = ""  # e.g. "24" (dB) or "0.1" (cosine distance)
     adaptive_ladder: str = ""  # the k's the search chose from, e.g. "1,2,4,8,16,32"
     adaptive_decoding: str = ""  # decoder settings the search scored with, e.g. "timesteps=25,guidance_scale=1"

@@ -6,7 +6,7 @@ A `TrainTask` says what is trained (the objective module, how batches come from 
 shard, how the model is saved); the loop does the rest, the same way for every task:
   - DDP (or FSDP2) over the workers, bf16 autocast on CUDA, gradient accumulation, clipping, AdamW with
     warmup + cosine/linear decay, EMA;
-  - every `checkpoint_every` steps a checkpoint (see pipeline.train_common) reported to Ray Train, which
+  - every `checkpoint_every` steps a checkpoint (see pipeline.train.common) reported to Ray Train, which
     uploads into the run folder (`Run.output`); a worker lost mid-run restarts the group (up to
     `max_failures` times) and the loop resumes from the latest checkpoint, as does re-running the job with
     the same run folder;
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from flextok.checkpoint import load_state_dict_strict
 
-from .devices import stage_device
-from .train_common import (
+from ..devices import stage_device
+from .common import (
     EMA,
     EMA_DIR,
     MODEL_DIR,

@@ -1,7 +1,7 @@
 """AR training: next-token cross-entropy of `flextok.ar.ARModel` over the Parquet token corpus, streamed
 to the workers through Ray Data.
 
-    ds = read_corpus("corpus/", k=128)                               # pipeline.corpus
+    ds = read_corpus("corpus/", k=128)                               # pipeline.data.corpus
     task = ARTask(model=ar_preset("d12", max_tokens=128).to_dict())
     run_training(task, LoopConfig(...), ds, Scaling(8, gpus_per_worker=1), Run("s3://bucket/runs/ar-d12"))
 
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from flextok.ar import ARConfig, ARModel
 
-from .train_common import LoopConfig
-from .train_loop import TrainTask
+from .common import LoopConfig
+from .loop import TrainTask
 
 
 class ARObjective(nn.Module):
@@ -117,7 +117,7 @@ def corpus_for_training(path: str, k: int | None = None, materialize_bytes: int 
     wait for (a few hundred rows take a few steps per epoch; issue 12 saw the AR job wait for data 25-50% of
     its time). A corpus of at most `materialize_bytes` (uint16 tokens + label + key, estimated from its
     markers) is therefore read once and materialized: later epochs stream its blocks from the object store."""
-    from .corpus import corpus_files, output_fs, read_corpus, read_markers
+    from ..data.corpus import corpus_files, output_fs, read_corpus, read_markers
 
     ds = read_corpus(path, k=k).select_columns(["key", "label", "tokens"])
     _, _, meta = corpus_files(path)

@@ -1,14 +1,14 @@
-"""Token-count sweeps: reconstructions (rFID per k) and, with pipeline.generate, AR samples (gFID per k).
+"""Token-count sweeps: reconstructions (rFID per k) and, with pipeline.eval.generate, AR samples (gFID per k).
 
-The reconstruction plan, top to bottom (pipeline.sweep_run.run_sweep runs it; this module holds the stages):
+The reconstruction plan, top to bottom (pipeline.eval.sweep_run.run_sweep runs it; this module holds the stages):
 
     rows = image_dataset(inputs, R).limit(N)        # or center_views(read_corpus(path)): tokens, not images
     rows = rows.map_batches(ReconstructStage)       # actors: encode each image once, decode every k in
                                                     #   batches that mix k's; originals become rows with k = 0
     rows = with_inception_features(rows)            # actors: Inception on every reconstruction (+ originals)
-    Collector(partial).consume(rows)                # driver (pipeline.sweep_results): rows -> chunk files
+    Collector(partial).consume(rows)                # driver (pipeline.eval.sweep_results): rows -> chunk files
     g = gather(partial)                             # per k: merged statistics, a bounded feature subset
-    results = summarize(g, ks, reference)           # pipeline.report: FID, P/R, KID, IS, PSNR/SSIM/MSE
+    results = summarize(g, ks, reference)           # pipeline.eval.report: FID, P/R, KID, IS, PSNR/SSIM/MSE
 
 Every image gets one output row per k plus one row with k = 0 (REAL) that carries its work counters
 (and the original's features when the reference is computed in the same pass). The decoder's initial noise
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .devices import stage_device
+from ..devices import stage_device
+from ..image_metrics import pixel_metrics
+from ..inception import model_output_to_uint8
 from .features import is_error
-from .image_metrics import pixel_metrics
-from .inception import model_output_to_uint8
 
 REAL = 0  # the k of an original image's row
 ERROR = -1  # the k of a bad input's row
@@ -73,7 +73,7 @@ def check_ks(ks: list[int], num_registers: int) -> tuple[int, ...]:
 
 
 # augment modes in which every image has its un-augmented view (aug 0); "random-flip" keeps aug 0 for only
-# about half the images, "tencrop" for none (pipeline.preprocess)
+# about half the images, "tencrop" for none (pipeline.data.preprocess)
 SWEEPABLE_AUGMENT = ("none", "flip")
 
 
@@ -222,7 +222,7 @@ class ReconstructStage:
 
     def tokens(self, batch: dict[str, np.ndarray], good: list[int]) -> dict[int, torch.Tensor]:
         """Images: one encoder pass over the good rows; a corpus: its stored tokens."""
-        from .preprocess import to_model_input
+        from ..data.preprocess import to_model_input
 
         if not good:
             return {}

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from flextok.errors import UserInputError
 
+from ..malloc import runtime_env
 from .corpus import (
     DATA_DIR,
     MANIFEST,
@@ -46,7 +47,6 @@ from .corpus import (
     tokens_table,
     write_summary,
 )
-from .malloc import runtime_env
 from .preprocess import AUGMENT_MODES, PREPROCESSING, to_model_input
 from .sources import InputShard, batched, decode_records, expand_inputs
 
@@ -79,7 +79,7 @@ class PretokenizeConfig:
     cpus_per_worker: float = 1.0  # CPUs reserved per tokenizer actor
     torch_threads: int | None = None  # torch threads per actor; None: cpus_per_worker
     num_tokens: int | None = None  # store each sequence's first K tokens; None: all
-    augment: str = "none"  # none | random-flip | flip | tencrop (pipeline.preprocess)
+    augment: str = "none"  # none | random-flip | flip | tencrop (pipeline.data.preprocess)
     labels: str | None = None  # labels CSV for folder inputs (default: the folder's labels.csv)
     rows_per_file: int = 100_000  # upper bound on rows per data file (a shard's rows never share a file)
     folder_chunk: int = 1000  # images per unit of work when an input is a folder
@@ -141,7 +141,7 @@ class TokenizeActor:
 
         from flextok import FlexTok
 
-        from .devices import stage_device
+        from ..devices import stage_device
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

@@ -1,7 +1,7 @@
 """Tokenizer training: the FlexTok objective (rectified flow with nested dropout and null-condition dropout,
 from `FlexTok.loss`) plus the optional REPA term, fed with images from Ray Data.
 
-    ds = image_dataset(["shards/*.tar"], resolution=256)          # pipeline.sources, as pretokenize reads
+    ds = image_dataset(["shards/*.tar"], resolution=256)          # pipeline.data.sources, as pretokenize reads
     task = TokenizerTask(model=preset("d18_d28").to_dict(), repa_weight=1.0, teacher=TeacherSpec("dinov2", ...))
     run_training(task, LoopConfig(...), training_images(ds), Scaling(8, gpus_per_worker=1), Run("s3://bucket/runs/tok"))
 """
@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from flextok import FlexTok, FlexTokConfig
 from flextok.checkpoint import load_state_dict_strict
 
-from .preprocess import to_model_input
+from ..data.preprocess import to_model_input
+from .common import LoopConfig
+from .loop import TrainTask
 from .repa import Projector, TeacherSpec, build_teacher, repa_loss
-from .train_common import LoopConfig
-from .train_loop import TrainTask
 
 
 class TokenizerObjective(nn.Module):
@@ -137,7 +137,7 @@ def load_vae_weights(model: FlexTok, path: str) -> None:
 def training_images(ds: Any, materialize: bool = False) -> Any:
     """image_dataset rows -> the good rows' `image` column (bad records were recorded by the source and
     are left out); `materialize` keeps the decoded images in the object store across epochs (small data)."""
-    from .sources import good_rows
+    from ..data.sources import good_rows
 
     ds = good_rows(ds).select_columns(["image"])
     return ds.materialize() if materialize else ds

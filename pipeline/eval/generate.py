@@ -2,7 +2,7 @@
 
     rows = ray.data.from_items(sample_groups(N, G))     # one row per group of G consecutive samples
     rows = rows.map_batches(GenerateStage)              # actor: AR generate k tokens per group and k; decode
-    rows = with_inception_features(rows)                # then as the reconstruction sweep (pipeline.sweep)
+    rows = with_inception_features(rows)                # then as the reconstruction sweep (pipeline.eval.sweep)
 
 Sample i has key `sample-{i:08d}` and class label i % num_classes, so any N is as balanced as it can be and
 the first N samples do not depend on N. A group's tokens for k come from a CPU generator seeded by
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .devices import stage_device
+from ..devices import stage_device
 from .sweep import DecodeSettings, RowBuilder, decode_prefixes, png_bytes
 
 

@@ -3,7 +3,7 @@
     ds.map_batches(AdaptiveTokenizeActor, fn_constructor_kwargs={..., "adaptive": AdaptiveSettings(...).to_dict()},
                    compute=ray.data.ActorPoolStrategy(size=n), batch_format="pyarrow")
 
-Like pipeline.pretokenize.TokenizeActor, but every image's token list is its own length (pipeline.adaptive's
+Like pipeline.data.pretokenize.TokenizeActor, but every image's token list is its own length (pipeline.data.adaptive's
 search), and two more columns travel to the driver for the manifest: `adaptive_missed` (bool) and
 `adaptive_decodes` (decoder calls spent). The decoder noise of an image comes from a seed fixed by its (key, aug),
 so a rerun picks the same k's.

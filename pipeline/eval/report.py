@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .corpus import join, output_fs
+from ..data.corpus import join, output_fs
+from ..inception import NO_CLASSIFIER
 from .fid import Reference, inception_score, kernel_inception_distance, low_rank_factor, precision_recall
-from .inception import NO_CLASSIFIER
 from .sweep import REAL
 from .sweep_results import Gathered, PerK
 

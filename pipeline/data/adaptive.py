@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .image_metrics import pixel_metrics
-from .inception import model_output_to_uint8
+from ..image_metrics import pixel_metrics
+from ..inception import model_output_to_uint8
 from .preprocess import to_model_input
 
 CRITERIA = {"psnr": "higher", "inception": "lower"}  # how each score meets its target
@@ -185,7 +185,7 @@ def make_scorer(criterion: Criterion, inception_weights: str | None = None, devi
     """The scorer for a criterion (Inception weights: the project's converted ones unless a path is given)."""
     if criterion.name == "psnr":
         return PSNRScorer()
-    from .inception import Inception, ensure_inception_weights
+    from ..inception import Inception, ensure_inception_weights
 
     return InceptionScorer(Inception(inception_weights or ensure_inception_weights(), device=device))
 

@@ -1,0 +1,1 @@
+"""Data flow: sources -> preprocess -> pretokenize (+ adaptive lengths) -> corpus (Parquet shards, manifest)."""
