@@ -3,6 +3,8 @@ tiny models."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import socket
 import subprocess
@@ -26,6 +28,19 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared data folder not found at {SHARED} (set FLEXTOK_SHARED)")
     return SHARED
+
+
+def upload_sample(s3, imagenet_sample: Path, url: str, num_images: int) -> None:
+    """The sample's first `num_images` photos and their labels.csv rows, uploaded under `url` (an fsspec s3 FS)."""
+    with open(imagenet_sample / "labels.csv") as f:
+        rows = list(csv.DictReader(f))[:num_images]
+    for row in rows:
+        s3.put_file(str(imagenet_sample / row["file"]), f"{url}/{row['file']}")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    s3.pipe_file(f"{url}/labels.csv", text.getvalue().encode())
 
 
 @pytest.fixture(scope="session")

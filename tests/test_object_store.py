@@ -10,7 +10,6 @@ Sizes are tiny (12 photos at 32 px, a few steps) so the file runs in a few minut
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from conftest import upload_sample
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, SHARD_SIZE = 12, 4
@@ -65,15 +65,7 @@ def listing(s3, url: str) -> dict[str, tuple[int, str]]:
 def raw(root, s3, imagenet_sample) -> str:
     """The first NUM_IMAGES photos and their labels.csv rows, uploaded to the bucket."""
     url = f"{root}/raw"
-    with open(imagenet_sample / "labels.csv") as f:
-        rows = list(csv.DictReader(f))[:NUM_IMAGES]
-    for row in rows:
-        s3.put_file(str(imagenet_sample / row["file"]), f"{url}/{row['file']}")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    s3.pipe_file(f"{url}/labels.csv", text.getvalue().encode())
+    upload_sample(s3, imagenet_sample, url, NUM_IMAGES)
     return url
 
 

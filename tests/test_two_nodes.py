@@ -9,15 +9,13 @@ on the corpus it wrote (checkpoints on s3://) must succeed, and their outputs ar
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import uuid
 from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import FEW_FOOTER_READERS
+from conftest import FEW_FOOTER_READERS, upload_sample
 from ray_nodes import EXCLUDES, LocalRayNode, wait_for_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,15 +49,7 @@ def inputs(s3_env, s3_bucket, tiny_model, imagenet_sample, tmp_path_factory) -> 
     tiny_model.save_pretrained(model_dir)
     for name in ("config.json", "model.safetensors"):
         s3.put_file(str(model_dir / name), f"{root}/model/{name}")
-    with open(imagenet_sample / "labels.csv") as f:
-        rows = list(csv.DictReader(f))[:NUM_IMAGES]
-    for row in rows:
-        s3.put_file(str(imagenet_sample / row["file"]), f"{root}/raw/{row['file']}")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    s3.pipe_file(f"{root}/raw/labels.csv", text.getvalue().encode())
+    upload_sample(s3, imagenet_sample, f"{root}/raw", NUM_IMAGES)
     argv = ["--input", f"{root}/raw", "--output", f"{root}/shards", "--shard-size", str(SHARD_SIZE)]
     assert make_shards(argv) == 0
     return {"root": root, "model": f"{root}/model", "shards": f"{root}/shards/shard-*.tar"}
