@@ -312,17 +312,19 @@ def quality_sentence(recon: dict) -> str:
 
 def adaptive_sentence(adaptive: dict) -> str:
     """What the adaptive targets measured, in words, from their numbers: each target's mean tokens and PSNR
-    beside the fixed k with the nearest token count."""
-    fixed = [r for r in adaptive["fixed_k"] if r.get("psnr") is not None]
+    beside the fixed k's with the nearest token counts below and above."""
+    fixed = sorted((r for r in adaptive["fixed_k"] if r.get("psnr") is not None), key=lambda r: r["mean_tokens"])
     parts = []
     for t in adaptive["targets"]:
         if t.get("mean_tokens") is None or t.get("psnr") is None or not fixed:
             continue
-        near = min(fixed, key=lambda r: abs(r["mean_tokens"] - t["mean_tokens"]))
+        below = [r for r in fixed if r["mean_tokens"] <= t["mean_tokens"]][-1:]
+        above = [r for r in fixed if r["mean_tokens"] >= t["mean_tokens"]][:1]
+        near = {r["k"]: r for r in below + above}.values()
+        beside = " and ".join(f"k={r['k']}: {r['psnr']:.2f} dB" for r in near)
         parts.append(
             f"{t['target']}: {t['mean_tokens']:.1f} tokens per photo on average, mean PSNR {t['psnr']:.2f} dB "
-            f"({t['missed']} of {t['images']} photos miss it even at k={max(adaptive['ladder'])}; fixed k={near['k']}: "
-            f"{near['psnr']:.2f} dB)"
+            f"({t['missed']} of {t['images']} photos miss it even at k={max(adaptive['ladder'])}; fixed {beside})"
         )
     return "; ".join(parts) + "." if parts else ""
 

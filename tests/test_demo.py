@@ -211,7 +211,8 @@ def test_report_shows_the_adaptive_targets_with_their_figures_and_measured_words
         assert (out.root / src).is_file(), src
     assert 'src="rate_vs_quality.png"' in page and 'src="adaptive_grid.png"' in page
     assert "psnr:13: 3.5 tokens per photo on average, mean PSNR 13.75 dB" in page
-    assert "40 of 250 photos miss it even at k=16; fixed k=16: 26.00 dB" in page  # nearest fixed k by tokens
+    assert "(2 of 250 photos miss it even at k=16; fixed k=1: 11.00 dB and k=4: 14.00 dB)" in page  # around 3.5
+    assert "40 of 250 photos miss it even at k=16; fixed k=4: 14.00 dB and k=16: 26.00 dB" in page
     results = json.loads((out.root / "results.json").read_text())
     assert results["reconstruction"]["adaptive"]["targets"][1]["target"] == "psnr:20"
 
