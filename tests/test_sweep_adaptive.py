@@ -67,12 +67,12 @@ def test_choice_is_what_the_live_search_picks_from_the_same_noise(tiny_model, im
                 assert table[i, LADDER.index(k)] == pytest.approx(score, abs=1e-9)
 
 
-def chunked_images(n: int, start: int = 0) -> list[SR.ImageResult]:
+def chunked_images(n: int, start: int = 0, ladder: tuple[int, ...] = LADDER) -> list[SR.ImageResult]:
     """n finished images whose PSNR rises with k at a per-image pace; features seeded by (image, k)."""
     out = []
     for i in range(start, start + n):
-        r = SR.ImageResult(f"img-{i:05d}", 0, encode_calls=1, decode_calls=len(LADDER))
-        for j, k in enumerate((S.REAL, *LADDER)):
+        r = SR.ImageResult(f"img-{i:05d}", 0, encode_calls=1, decode_calls=len(ladder))
+        for j, k in enumerate((S.REAL, *ladder)):
             f = np.random.default_rng(i * 100 + k).random(FEATURE_DIM).astype(np.float32)
             psnr = 10.0 + (j * (1 + i % 3)) % 9 if k else np.nan
             r.rows[k] = {"features": f, "logits": None, "png": b"", "mse": 1.0, "psnr": psnr, "ssim": 0.5}
@@ -80,11 +80,11 @@ def chunked_images(n: int, start: int = 0) -> list[SR.ImageResult]:
     return out
 
 
-def partial_with(url: str, n: int, chunk: int) -> SR.PartialResults:
-    partial = SR.PartialResults(url, {"test": n}, (S.REAL, *LADDER))
+def partial_with(url: str, n: int, chunk: int, ladder: tuple[int, ...] = LADDER) -> SR.PartialResults:
+    partial = SR.PartialResults(url, {"test": n}, (S.REAL, *ladder))
     partial.open()
     for start in range(0, n, chunk):
-        partial.write(chunked_images(min(chunk, n - start), start), has_logits=False)
+        partial.write(chunked_images(min(chunk, n - start), start, ladder), has_logits=False)
     return partial
 
 
@@ -115,12 +115,14 @@ def test_inception_targets_compare_features_with_the_originals():
 
 
 def test_adaptive_state_does_not_grow_with_the_number_of_images():
-    plan = AdaptivePlan(parse_targets("psnr:13"), LADDER)
-    small = SR.gather(partial_with("memory://adaptive/small", 12, chunk=4), subset_size=5, adaptive=plan)
-    large = SR.gather(partial_with("memory://adaptive/large", 60, chunk=4), subset_size=5, adaptive=plan)
+    ladder = (1, 32)  # few groups: each chunk folds a 2048 x 2048 outer product into every group
+    plan = AdaptivePlan(parse_targets("psnr:13"), ladder)
+    small = SR.gather(partial_with("memory://adaptive/small", 6, 3, ladder), subset_size=3, adaptive=plan)
+    large = SR.gather(partial_with("memory://adaptive/large", 18, 3, ladder), subset_size=3, adaptive=plan)
     group = small.per_k[plan.group(0)], large.per_k[plan.group(0)]
-    assert group[1].stats.n == 60 and len(group[1].subset.features) == len(group[0].subset.features) == 5
-    assert large.adaptive[plan.group(0)].images == 60 and len(large.adaptive[plan.group(0)].histogram) <= len(LADDER)
+    assert group[1].stats.n == 18 and len(group[1].subset.features) == len(group[0].subset.features) == 3
+    assert group[0].subset.nbytes == group[1].subset.nbytes
+    assert large.adaptive[plan.group(0)].images == 18 and len(large.adaptive[plan.group(0)].histogram) <= 2
 
 
 @pytest.mark.parametrize(
