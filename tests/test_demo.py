@@ -110,6 +110,15 @@ def test_quality_sentence_reports_the_measured_trend():
     assert "does not rise" in demo.quality_sentence(falling)
 
 
+def test_the_reconstruction_sweep_evaluates_the_adaptive_targets_unless_told_not_to(tmp_path):
+    sweep = {s.name: s for s in demo_plan(tmp_path)}["eval sweep"]
+    assert sweep.argv[sweep.argv.index("--adaptive") + 1] == demo.DEMO_TARGETS
+    assert sweep.argv[sweep.argv.index("--grid-images") + 1] == str(demo.GRID_IMAGES)
+    sweep = {s.name: s for s in demo_plan(tmp_path, "--adaptive", "psnr:12")}["eval sweep"]
+    assert sweep.argv[sweep.argv.index("--adaptive") + 1] == "psnr:12"
+    assert "--adaptive" not in {s.name: s for s in demo_plan(tmp_path, "--adaptive", "")}["eval sweep"].argv
+
+
 def test_ks_from_a_yaml_list_reaches_both_sweeps_as_a_flag(tmp_path):
     from jobs.common import parse_args
 
@@ -138,12 +147,19 @@ def test_previous_demo_output_is_replaced(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [demo.MARKER]
 
 
-def fake_sweep(folder: Path, grid: str, fids: dict[int, float]) -> None:
-    """What eval sweep / eval generate leave behind, with made-up numbers."""
+def fake_sweep(folder: Path, grid: str, fids: dict[int, float], adaptive: dict | None = None) -> None:
+    """What eval sweep / eval generate leave behind, with made-up numbers (and adaptive targets' figures)."""
     folder.mkdir(parents=True)
     per_k = [{"k": k, "fid": f, "psnr": 10.0 + k, "ssim": 0.5} for k, f in fids.items()]
-    (folder / "results.json").write_text(json.dumps({"per_k": per_k, "work": {"images": 250}, "provenance": {}}))
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / grid)
+    doc = {"per_k": per_k, "work": {"images": 250}, "provenance": {}, "files": {"grid": grid}}
+    figures = [grid]
+    if adaptive is not None:
+        doc["adaptive"] = adaptive
+        doc["files"] |= {"rate_plot": "rate_vs_quality.png", "adaptive_grid": "adaptive_grid.png"}
+        figures += ["rate_vs_quality.png", "adaptive_grid.png"]
+    (folder / "results.json").write_text(json.dumps(doc))
+    for name in figures:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / name)
 
 
 def test_report_has_every_file_and_the_page_shows_them_with_the_settings(tmp_path):
@@ -169,3 +185,42 @@ def test_report_has_every_file_and_the_page_shows_them_with_the_settings(tmp_pat
     results = json.loads((out.root / "results.json").read_text())
     assert results["settings"]["ks"] == "1,4,16"
     assert [r["fid"] for r in results["generation"]["per_k"]] == [150.0, 130.0, 125.0]
+
+
+def fake_adaptive(ks: list[int], targets: dict[str, tuple[float, float, int]]) -> dict:
+    """An adaptive block of results.json: target -> (mean tokens, PSNR, missed), on 250 images."""
+    fixed = [{"k": k, "mean_tokens": float(k), "psnr": 10.0 + k, "fid": 100.0 / k} for k in ks]
+    rows = [
+        {"target": t, "mean_tokens": m, "psnr": p, "fid": 50.0, "ssim": 0.4, "missed": x, "images": 250,
+         "decodes_if_searched": {"mean": 2.5, "max": 3, "bound": 3}}
+        for t, (m, p, x) in targets.items()
+    ]  # fmt: skip
+    return {"ladder": ks, "fixed_k": fixed, "targets": rows}
+
+
+def test_report_shows_the_adaptive_targets_with_their_figures_and_measured_words(tmp_path):
+    out = demo.Layout(tmp_path / "demo")
+    adaptive = fake_adaptive([1, 4, 16], {"psnr:13": (3.5, 13.75, 2), "psnr:20": (15.0, 25.5, 40)})
+    fake_sweep(out.work / "recon", "recon_grid.png", {1: 120.5, 4: 80.25, 16: 60.0}, adaptive)
+    fake_sweep(out.work / "generate", "samples_grid.png", {1: 150.0, 4: 130.0, 16: 125.0})
+    args = demo.build_parser().parse_args(["--ks", "1,4,16"])
+    demo.write_report(out, args, Path("/data/imagenet-sample"), [], total_s=61.0)
+
+    page = (out.root / "index.html").read_text()
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (out.root / src).is_file(), src
+    assert 'src="rate_vs_quality.png"' in page and 'src="adaptive_grid.png"' in page
+    assert "psnr:13: 3.5 tokens per photo on average, mean PSNR 13.75 dB" in page
+    assert "(2 of 250 photos miss it even at k=16; fixed k=1: 11.00 dB and k=4: 14.00 dB)" in page  # around 3.5
+    assert "40 of 250 photos miss it even at k=16; fixed k=4: 14.00 dB and k=16: 26.00 dB" in page
+    results = json.loads((out.root / "results.json").read_text())
+    assert results["reconstruction"]["adaptive"]["targets"][1]["target"] == "psnr:20"
+
+
+def test_report_without_adaptive_targets_has_no_adaptive_section(tmp_path):
+    out = demo.Layout(tmp_path / "demo")
+    fake_sweep(out.work / "recon", "recon_grid.png", {1: 120.5, 4: 80.25})
+    fake_sweep(out.work / "generate", "samples_grid.png", {1: 150.0, 4: 130.0})
+    demo.write_report(out, demo.build_parser().parse_args(["--adaptive", ""]), Path("/x"), [], total_s=1.0)
+    assert "Adaptive token budgets" not in (out.root / "index.html").read_text()
+    assert not (out.root / "rate_vs_quality.png").exists()

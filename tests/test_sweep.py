@@ -252,6 +252,61 @@ def test_bad_inputs_are_clear_errors_before_any_work(ray_session, tiny_dir, phot
     assert not out.exists()  # nothing was written
 
 
+def test_adaptive_targets_reread_the_decoded_table_and_report_rate_against_quality(
+    first_run, tiny_dir, photos, inception_weights, tmp_path, capsys
+):
+    """Targets are not part of the fingerprint: a rerun with --adaptive decodes nothing, it replays each image's
+    search on the saved table and reports mean tokens against PSNR and rFID, beside every fixed k."""
+    from pipeline.data.adaptive import Criterion
+    from pipeline.eval.sweep_adaptive import choose
+
+    output = tmp_path / "adaptive"
+    shutil.copytree(first_run, output)
+    chunks = chunk_arrays(output / "partial")
+    psnr = np.concatenate([np.stack([c[f"psnr_{k}"] for k in (4, 32)], axis=1) for c in chunks])  # [N, 2]
+    target = float(np.median(psnr))  # met by some images at some k, not by all
+    argv = sweep_argv(tiny_dir, photos, inception_weights, output, "--adaptive", f"psnr:{target!r},inception:0.3")
+    run(capsys, [*argv, "--ladder", "4,32"])
+    r = results(output)
+    assert r["run"]["images_this_run"] == 0 and r["work"]["decodes_per_image"] == 3.0
+    assert r["per_k"] == results(first_run)["per_k"]
+    a = r["adaptive"]
+    assert a["ladder"] == [4, 32] and [(f["k"], f["mean_tokens"]) for f in a["fixed_k"]] == [(1, 1), (4, 4), (32, 32)]
+    expected = choose(psnr, (4, 32), Criterion("psnr", target))
+    by_psnr, by_inception = a["targets"]
+    assert by_psnr["target"] == f"psnr:{target:g}" and by_inception["target"] == "inception:0.3"
+    assert by_psnr["mean_tokens"] == pytest.approx(expected.k.mean()) and by_psnr["missed"] == expected.missed.sum()
+    for t in a["targets"]:
+        assert t["images"] == t["num_samples"] == N and t["fid"] is not None and 0 < t["psnr"] < MAX_PSNR
+        assert 4 <= t["mean_tokens"] <= 32 and 0 <= t["missed"] <= N
+        assert 1 <= t["decodes_if_searched"]["max"] <= t["decodes_if_searched"]["bound"] == 2
+        assert set(t["k_histogram"]) <= {"4", "32"} and sum(t["k_histogram"].values()) == N
+    assert (r["files"]["rate_plot"], r["files"]["adaptive_grid"]) == ("rate_vs_quality.png", "adaptive_grid.png")
+    assert (output / "rate_vs_quality.png").is_file() and (output / "adaptive_grid.png").is_file()
+    assert f"| psnr:{target:g} |" in (output / "results.md").read_text()
+
+
+def test_bad_adaptive_values_are_one_line_errors_before_any_work(
+    ray_session, tiny_dir, photos, inception_weights, tmp_path
+):
+    from jobs.eval_sweep import main
+
+    out = tmp_path / "never"
+    argv = sweep_argv(tiny_dir, photos, inception_weights, out)
+    for extra, message in [
+        (["--adaptive", "psnr:abc"], "target 'abc' is not a number"),
+        (["--adaptive", "ssim:0.5"], "CRITERION one of"),
+        (["--adaptive", "psnr:14,psnr:14"], "repeated"),
+        (["--adaptive", "psnr:14", "--ladder", "1,2"], r"--ladder 1,2: k=\[2\] not among the sweep's k's \[1, 4, 32\]"),
+        (["--adaptive", "psnr:14", "--ladder", "4,1"], "strictly increasing"),
+        (["--ladder", "1,4"], "--ladder needs --adaptive"),
+    ]:
+        with pytest.raises(JobError, match=message) as e:
+            main([*argv, *extra])
+        assert "\n" not in str(e.value)
+    assert not out.exists()
+
+
 def test_token_counts_from_a_flag_or_a_yaml_list():
     assert S.parse_ks("1,2, 4") == S.parse_ks([1, 2, 4]) == S.parse_ks(["1", "2", "4"]) == [1, 2, 4]
     assert S.parse_ks(8) == [8]

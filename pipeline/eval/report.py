@@ -2,6 +2,10 @@
 
 results = summarize(gathered, ks, reference, MetricOptions())      # per-k metrics + work counters
 files = write_outputs(url, results, gathered, Report(...))         # any fsspec URL
+
+With adaptive targets (pipeline.eval.sweep_adaptive) results.json also holds `adaptive`: mean tokens against
+PSNR and rFID for each fixed k and each target, drawn in rate_vs_quality.png, and adaptive_grid.png shows the
+grid photos ordered by their chosen k.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..data.corpus import join, output_fs
 from ..inception import NO_CLASSIFIER
 from .fid import Reference, inception_score, kernel_inception_distance, low_rank_factor, precision_recall
 from .sweep import REAL
+from .sweep_adaptive import AdaptivePlan
 from .sweep_results import Gathered, PerK
 
 IS_SPLITS = 10  # torch-fidelity's default
@@ -62,9 +67,11 @@ def _with_reference_features(ref: Reference, name: str, fn) -> dict:
     return fn(ref.features)
 
 
-def summarize(g: Gathered, ks: tuple[int, ...], ref: Reference, opts: MetricOptions) -> dict:
+def summarize(
+    g: Gathered, ks: tuple[int, ...], ref: Reference, opts: MetricOptions, adaptive: AdaptivePlan | None = None
+) -> dict:
     """Per-k metrics and the work counters (per image: encoder calls, decoder outputs, real-image feature
-    passes), all counted by the stages."""
+    passes), all counted by the stages; with `adaptive`, the rate-quality block (adaptive_results)."""
     n = g.images
     per_k = [metrics_for_k(g.per_k[k], k, ref, opts) for k in ks]
     work = {
@@ -76,12 +83,33 @@ def summarize(g: Gathered, ks: tuple[int, ...], ref: Reference, opts: MetricOpti
         "class_counts": class_counts(g.label_counts),
     }
     subset = {"limit": g.subset_size, "rule": f"the images with the smallest sha256('{opts.subset_seed}|' + key)"}
-    return {
+    out = {
         "per_k": per_k,
         "work": work,
         "feature_subset": subset,
         "bad_inputs": g.errors,
         "is_unavailable": None if g.has_logits else NO_CLASSIFIER,
+    }
+    if adaptive is not None:
+        out["adaptive"] = adaptive_results(g, per_k, ref, opts, adaptive)
+    return out
+
+
+def adaptive_results(g: Gathered, per_k: list[dict], ref: Reference, opts: MetricOptions, plan: AdaptivePlan) -> dict:
+    """Mean tokens per image against quality: every fixed k (k tokens each) and every adaptive target (its
+    chosen k's, counted: mean tokens, missed, the decodes its live search would spend), on the same images."""
+    targets = []
+    for group, _ in plan.groups:
+        row = metrics_for_k(g.per_k[group], group, ref, opts)
+        del row["k"]
+        targets.append({**g.adaptive[group].summary(plan.ladder), "group": group, **row})
+    fixed = [{"k": r["k"], "mean_tokens": float(r["k"]), "psnr": r["psnr"], "fid": r["fid"]} for r in per_k]
+    return {
+        "ladder": list(plan.ladder),
+        "rule": "per image, the k that pipeline.data.adaptive.bisect_ladder (the pretokenize --adaptive search) "
+        "picks, replayed on the table of every k the sweep decoded from the image's one noise: no extra decoder call",
+        "fixed_k": fixed,
+        "targets": targets,
     }
 
 
@@ -93,11 +121,7 @@ def class_counts(counts) -> dict:
 
 
 def results_table(results: dict, metric_name: str = "rFID") -> str:
-    """Markdown table of the per-k results."""
-
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
-
+    """Markdown table of the per-k results (and of the adaptive targets, when there are some)."""
     lines = [
         f"| k | {metric_name} | precision | recall | IS | PSNR | SSIM | MSE | n |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -105,17 +129,41 @@ def results_table(results: dict, metric_name: str = "rFID") -> str:
     for r in results["per_k"]:
         cells = [
             str(r["k"]),
-            fmt(r.get("fid"), ".2f"),
-            fmt(r.get("precision"), ".3f"),
-            fmt(r.get("recall"), ".3f"),
-            fmt(r.get("is_mean"), ".2f"),
-            fmt(r.get("psnr"), ".2f"),
-            fmt(r.get("ssim"), ".4f"),
-            fmt(r.get("mse"), ".1f"),
+            _fmt(r.get("fid"), ".2f"),
+            _fmt(r.get("precision"), ".3f"),
+            _fmt(r.get("recall"), ".3f"),
+            _fmt(r.get("is_mean"), ".2f"),
+            _fmt(r.get("psnr"), ".2f"),
+            _fmt(r.get("ssim"), ".4f"),
+            _fmt(r.get("mse"), ".1f"),
             str(r["num_samples"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if "adaptive" in results:
+        lines += ["", adaptive_table(results["adaptive"], metric_name)]
     return "\n".join(lines)
+
+
+def adaptive_table(adaptive: dict, metric_name: str = "rFID") -> str:
+    """Markdown table of the adaptive targets (mean tokens against quality)."""
+    lines = [
+        f"| target | mean tokens | {metric_name} | PSNR | SSIM | missed | decodes if searched (mean / max / bound) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in adaptive["targets"]:
+        d = t["decodes_if_searched"]
+        cells = [t["target"], _fmt(t["mean_tokens"], ".2f"), _fmt(t["fid"], ".2f"), _fmt(t["psnr"], ".2f")]
+        cells += [
+            _fmt(t["ssim"], ".4f"),
+            f"{t['missed']} / {t['images']}",
+            f"{_fmt(d['mean'], '.2f')} / {d['max']} / {d['bound']}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def fid_figure(per_k: list[dict], ylabel: str, title: str):
@@ -136,6 +184,65 @@ def fid_figure(per_k: list[dict], ylabel: str, title: str):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def rate_figure(adaptive: dict, metric_name: str, title: str):
+    """Mean tokens per image (log2 x) against mean PSNR and against FID: the fixed-k curve and one point per
+    adaptive target, on the same images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.8), dpi=120)
+    fixed, targets = adaptive["fixed_k"], adaptive["targets"]
+    ks = [r["k"] for r in fixed]
+    for i, (metric, ylabel) in enumerate((("psnr", "mean PSNR (dB)"), ("fid", metric_name))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        rows = [r for r in fixed if r[metric] is not None]
+        ax.plot([r["mean_tokens"] for r in rows], [r[metric] for r in rows], marker="o", label="fixed k")
+        for r in rows:
+            ax.annotate(
+                f"k={r['k']}", (r["mean_tokens"], r[metric]), fontsize=6, xytext=(2, -8), textcoords="offset points"
+            )
+        for t in (t for t in targets if t[metric] is not None and t["mean_tokens"] is not None):
+            ax.plot([t["mean_tokens"]], [t[metric]], marker="*", markersize=10, linestyle="none", label=t["target"])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("mean tokens per image")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def adaptive_grid(g: Gathered, keys: list[str], targets: list[dict]):
+    """One row per grid photo, ordered by its chosen k's (first target first): the original, then each target's
+    reconstruction, its k written under it. None when no photo has them."""
+    from matplotlib.figure import Figure
+
+    groups = [t["group"] for t in targets]
+    keys = [k for k in keys if k in g.grid and REAL in g.grid[k] and all(x in g.chosen.get(k, {}) for x in groups)]
+    if not keys:
+        return None
+    keys.sort(key=lambda key: [g.chosen[key][x][0] for x in groups])  # stable: input order among equals
+    columns = [REAL, *groups]
+    fig = Figure(figsize=(1.3 * len(columns), 1.35 * len(keys) + 0.3), dpi=120)
+    axes = fig.subplots(len(keys), len(columns), squeeze=False)
+    for r, key in enumerate(keys):
+        for c, col in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.imshow(np.asarray(Image.open(io.BytesIO(g.grid[key][col])).convert("RGB")))
+            if r == 0:
+                ax.set_title("original" if col == REAL else targets[c - 1]["target"], fontsize=8)
+            if col != REAL:
+                k, missed = g.chosen[key][col]
+                ax.set_xlabel(f"k={k}" + (" (missed)" if missed else ""), fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -184,8 +291,8 @@ class Report:
 
 
 def write_outputs(output: str, results: dict, g: Gathered, *, ks: tuple[int, ...], report: Report) -> dict:
-    """results.json, results.md, fid_vs_tokens.png and the image grid into `output` (a folder or fsspec URL);
-    returns {name: path}."""
+    """results.json, results.md, fid_vs_tokens.png and the image grid (with adaptive targets also
+    rate_vs_quality.png and adaptive_grid.png) into `output` (a folder or fsspec URL); returns {name: path}."""
     fs, root = output_fs(str(output))
     fs.makedirs(root, exist_ok=True)
     names = {"results": "results.json", "table": "results.md", "plot": "fid_vs_tokens.png"}
@@ -195,6 +302,14 @@ def write_outputs(output: str, results: dict, g: Gathered, *, ks: tuple[int, ...
     if grid is not None:
         names["grid"] = report.grid_file
         _write_figure(fs, join(root, report.grid_file), grid)
+    if "adaptive" in results:
+        names["rate_plot"] = "rate_vs_quality.png"
+        rate = rate_figure(results["adaptive"], report.metric_name, report.title)
+        _write_figure(fs, join(root, names["rate_plot"]), rate)
+        grid = adaptive_grid(g, report.grid_keys, results["adaptive"]["targets"])
+        if grid is not None:
+            names["adaptive_grid"] = "adaptive_grid.png"
+            _write_figure(fs, join(root, names["adaptive_grid"]), grid)
     fs.pipe_file(join(root, names["table"]), (results_table(results, report.metric_name) + "\n").encode())
     doc = {**results, "provenance": report.provenance, "run": report.run, "files": names}
     path = join(root, names["results"])

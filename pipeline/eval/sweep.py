@@ -12,8 +12,9 @@ The reconstruction plan, top to bottom (pipeline.eval.sweep_run.run_sweep runs i
 
 Every image gets one output row per k plus one row with k = 0 (REAL) that carries its work counters
 (and the original's features when the reference is computed in the same pass). The decoder's initial noise
-for (image, k) comes from a generator seeded by sha256(seed, key, k), so numbers do not depend on batching,
-actors or resumption. The driver writes complete images to `partial/chunk-NNNNNN.npz` (features and pixel
+for an image comes from a generator seeded by sha256(seed, key), the same for every k, so numbers do not depend
+on batching, actors or resumption, and an image's k's form one table an adaptive search can be replayed on
+(pipeline.eval.sweep_adaptive). The driver writes complete images to `partial/chunk-NNNNNN.npz` (features and pixel
 metrics per k) where the output goes; a rerun with the same settings skips the images already there.
 """
 

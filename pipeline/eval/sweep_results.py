@@ -4,12 +4,13 @@
     Collector(partial, groups, chunk_images).consume(rows)            # rows -> complete images -> chunk files
     g = gather(partial, subset_size=10_000)                           # one chunk in memory at a time
 
-`gather` keeps per k: merged float64 statistics (all images: FID), a bounded, seeded subset of the feature
-vectors and logits (precision/recall, KID, IS), and sums of the pixel metrics. The subset holds the
-`subset_size` images with the smallest sha256(seed|key), in input order: it does not depend on chunking,
-arrival order or resumption, the same images are kept for every k, and with at most `subset_size` images it
-holds them all. So the driver's memory does not grow with the number of images N (only the set of finished
-keys does, about 100 bytes per image, for resumption and deduplication).
+`gather` keeps per k (and per adaptive target, pipeline.eval.sweep_adaptive: one more group each): merged
+float64 statistics (all images: FID), a bounded, seeded subset of the feature vectors and logits
+(precision/recall, KID, IS), and sums of the pixel metrics. The subset holds the `subset_size` images with the
+smallest sha256(seed|key), in input order: it does not depend on chunking, arrival order or resumption, the
+same images are kept for every k, and with at most `subset_size` images it holds them all. So the driver's
+memory does not grow with the number of images N (only the set of finished keys does, about 100 bytes per
+image, for resumption and deduplication).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..data.corpus import join, output_fs
 from ..inception import FEATURE_DIM
 from .fid import FeatureStats
 from .sweep import ERROR, REAL
+from .sweep_adaptive import AdaptivePlan, Tally, choose, chosen_rows, score_table
 
 PIXEL_METRICS = ("mse", "psnr", "ssim")
 CHUNK_FORMAT = 2  # part of every fingerprint: chunks of another layout are not resumed
@@ -277,20 +279,28 @@ class Gathered:
     decode_calls: int
     real_feature_passes: int
     per_k: dict[int, PerK]
-    grid: dict[str, dict[int, bytes]]  # key -> k -> PNG bytes
+    grid: dict[str, dict[int, bytes]]  # key -> k (or adaptive group) -> PNG bytes
     subset_size: int
     has_logits: bool
+    adaptive: dict[int, Tally] = field(default_factory=dict)  # adaptive group -> its counts
+    chosen: dict[str, dict[int, tuple[int, bool]]] = field(default_factory=dict)  # grid key -> group -> (k, missed)
 
 
-def gather(partial: PartialResults, subset_size: int = 10_000, seed: int = 0) -> Gathered:
-    """Read the chunks one at a time and fold them into per-k summaries (memory bounded by subset_size)."""
+def gather(
+    partial: PartialResults, subset_size: int = 10_000, seed: int = 0, adaptive: AdaptivePlan | None = None
+) -> Gathered:
+    """Read the chunks one at a time and fold them into per-k summaries (memory bounded by subset_size); with
+    `adaptive`, each target's chosen reconstructions into one more group."""
     if subset_size < 1:
         raise ValueError(f"the feature subset needs at least 1 image, got {subset_size}")
     keys_hash, labels, errors = hashlib.sha256(), Counter(), []
     images = enc = dec = real = 0
     has_logits = False
-    per_k = {k: PerK(FeatureStats.empty(FEATURE_DIM), Subset(subset_size)) for k in partial.groups}
+    groups = list(partial.groups) + ([g for g, _ in adaptive.groups] if adaptive else [])
+    per_k = {k: PerK(FeatureStats.empty(FEATURE_DIM), Subset(subset_size)) for k in groups}
+    tallies = {g: Tally(c) for g, c in adaptive.groups} if adaptive else {}
     grid: dict[str, dict[int, bytes]] = {}
+    chosen: dict[str, dict[int, tuple[int, bool]]] = {}
     for path in partial.chunks():
         z = partial.read(path)
         good = z["good"]
@@ -311,6 +321,29 @@ def gather(partial: PartialResults, subset_size: int = 10_000, seed: int = 0) ->
             for j, key in enumerate(good_keys):
                 if f"png_{j}_{k}" in z:
                     grid.setdefault(key, {})[k] = z[f"png_{j}_{k}"].tobytes()
+        for g, criterion in adaptive.groups if adaptive is not None and good_keys else []:
+            r = choose(score_table(z, adaptive.ladder, criterion), adaptive.ladder, criterion)
+            tallies[g].add(r)
+            pixels = {m: chosen_rows(z, m, r.k) for m in PIXEL_METRICS}
+            per_k[g].add(priority, chosen_rows(z, "features", r.k), chosen_rows(z, "logits", r.k), pixels)
+            for key, k, missed in zip(good_keys, r.k, r.missed, strict=True):
+                if key in grid and int(k) in grid[key]:
+                    grid[key][g] = grid[key][int(k)]
+                    chosen.setdefault(key, {})[g] = (int(k), bool(missed))
     for s in per_k.values():
         s.subset.compact()
-    return Gathered(images, keys_hash.hexdigest(), labels, errors, enc, dec, real, per_k, grid, subset_size, has_logits)
+    return Gathered(
+        images,
+        keys_hash.hexdigest(),
+        labels,
+        errors,
+        enc,
+        dec,
+        real,
+        per_k,
+        grid,
+        subset_size,
+        has_logits,
+        tallies,
+        chosen,
+    )

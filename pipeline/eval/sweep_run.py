@@ -5,9 +5,11 @@
 
 run_sweep opens `<output>/partial` (resuming when its settings match), runs the model stage and the Inception
 stage on Ray Data in input order, collects complete images into chunks, reads them back into bounded per-k
-summaries, computes the metrics (against the given reference, or one made from the originals of this pass and
-saved as reference_stats.npz) and writes results.json, results.md and the figures. `output` is a folder or
-any fsspec URL; everything, partial chunks included, goes there.
+summaries (plus one group per adaptive target, chosen from the chunks' tables: pipeline.eval.sweep_adaptive),
+computes the metrics (against the given reference, or one made from the originals of this pass and saved as
+reference_stats.npz) and writes results.json, results.md and the figures. Adaptive targets are not part of the
+fingerprint: a rerun with other targets resumes with nothing to decode and only reads the chunks again.
+`output` is a folder or any fsspec URL; everything, partial chunks included, goes there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .features import Resources, ordered_execution, with_inception_features
 from .fid import Reference, save_reference
 from .report import MetricOptions, Report, summarize, write_outputs
 from .sweep import REAL
+from .sweep_adaptive import AdaptivePlan
 from .sweep_results import CHUNK_FORMAT, Collector, Gathered, PartialResults, gather
 
 
@@ -52,6 +55,7 @@ class SweepSpec:
     metrics: MetricOptions
     reference: Reference | InPassReference
     report: Report  # its `title` may hold {n}: the number of images evaluated
+    adaptive: AdaptivePlan | None = None  # reconstruction sweeps: targets read off the decoded table at gather
 
 
 @dataclass
@@ -72,7 +76,8 @@ def run_sweep(spec: SweepSpec, rows: Callable[[frozenset[str]], object | None], 
     NothingToScoreError (no readable image) with messages that name no flags."""
     started = time.time()
     in_pass = isinstance(spec.reference, InPassReference)
-    groups = ((REAL,) if in_pass else ()) + spec.ks
+    keep_real = in_pass or (spec.adaptive is not None and spec.adaptive.needs_original_features)
+    groups = ((REAL,) if keep_real else ()) + spec.ks
     partial = PartialResults(join(spec.output, "partial"), spec.fingerprint, groups)
     partial.open()
 
@@ -89,7 +94,7 @@ def run_sweep(spec: SweepSpec, rows: Callable[[frozenset[str]], object | None], 
             log(f"[{spec.name}] k={list(spec.ks)}: {r.workers} model actor(s), {inception} Inception actor(s)")
             collector.consume(ds)
 
-    g = gather(partial, spec.metrics.feature_subset, spec.metrics.subset_seed)
+    g = gather(partial, spec.metrics.feature_subset, spec.metrics.subset_seed, spec.adaptive)
     if not g.images:
         raise NothingToScoreError(f"no readable images ({len(g.errors)} bad inputs)")
     reference = spec.reference
@@ -99,7 +104,7 @@ def run_sweep(spec: SweepSpec, rows: Callable[[frozenset[str]], object | None], 
         made = spec.reference
         reference = Reference.from_stats(real.stats, made.extractor, made.preprocessing, made.source, kept)
         save_reference(join(spec.output, "reference_stats.npz"), reference)
-    results = summarize(g, spec.ks, reference, spec.metrics)
+    results = summarize(g, spec.ks, reference, spec.metrics, spec.adaptive)
 
     provenance = json.loads(json.dumps(spec.report.provenance))  # a copy
     provenance.setdefault("data", {})["keys_sha256"] = g.keys_sha256
