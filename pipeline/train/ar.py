@@ -46,6 +46,17 @@ def padding_fraction(lengths: Tensor, width: int) -> float:
     return 1.0 - float(lengths.sum()) / (len(lengths) * width) if len(lengths) and width else 0.0
 
 
+def expected_padding_fraction(histogram: dict[int, int], batch: int) -> float:
+    """Share of padded slots over many batches of `batch` rows drawn at random from a corpus with
+    `histogram` {length: rows}, each batch padded to its longest row: 1 - mean length / E[longest], where
+    P(longest <= n) = F(n)^batch (F: the share of rows of length <= n)."""
+    ns = np.array(sorted(histogram), dtype=np.float64)
+    share = np.array([histogram[n] for n in sorted(histogram)], dtype=np.float64) / sum(histogram.values())
+    below = np.cumsum(share) ** batch  # P(longest <= n)
+    longest = float((ns * np.diff(below, prepend=0.0)).sum())  # E[longest]
+    return 1.0 - float((ns * share).sum()) / longest
+
+
 class TokenCollate(ArrowBatchCollateFn):
     """Corpus rows -> {"labels" [B], "tokens" [B, T] (zero-padded), "lengths" [B]} (int64).
 
