@@ -264,12 +264,16 @@ class ARModel(nn.Module):
             out = out @ self.tok_embed.weight.T  # [B, L, V]
         return out.float()
 
-    def transformer(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
-        """Embeddings [B, L, D] at positions start..start+L-1 -> logits [B, L, V] (float32)."""
+    def hidden(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        """Embeddings [B, L, D] at positions start..start+L-1 -> final hidden states [B, L, D]."""
         cos, sin = rope_tables(start, x.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, caches[i] if caches is not None else None)
-        return self.logits(x)
+        return x
+
+    def transformer(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        """Embeddings [B, L, D] at positions start..start+L-1 -> logits [B, L, V] (float32)."""
+        return self.logits(self.hidden(x, start, caches))
 
     def forward(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """labels [B], tokens [B, T] (T < max_tokens) -> logits [B, 1+T, V]; position i predicts token i."""
@@ -308,9 +312,11 @@ class ARModel(nn.Module):
             valid = pos <= lengths[:, None]
         else:
             valid = pos < lengths[:, None]
-        logits = self(self.drop_labels(labels, generator), inputs)  # [B, T', V(+1)]
-        targets = torch.where(valid, targets, -100)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        labels = self.drop_labels(labels, generator)
+        self.check_inputs(labels, inputs)
+        h = self.hidden(self.embed(labels, inputs))  # [B, T', D]
+        logits = self.logits(h[valid])  # [N, V(+1)]: the output head only where there is a target, not on padding
+        return F.cross_entropy(logits, targets[valid])
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
