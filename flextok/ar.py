@@ -8,6 +8,12 @@ probability `class_dropout_prob`, which classifier-free guidance needs at sampli
     loss = model.loss(labels, tokens)               # next-token cross-entropy
     tokens = model.generate(labels, num_tokens=k, cfg_scale=3.0, top_k=...)  # [B, k], KV cache
 
+With `eos=True` (adaptive corpora: rows of different lengths) the vocabulary has one more id, `eos_id`, that
+ends a sequence: the loss appends it after each row's last token, and `generate` stops each sample when it
+draws it (`num_tokens` is then the most tokens a sample may take):
+
+    tokens, lengths = model.generate(labels, num_tokens=32, return_lengths=True)  # [B, T], [B]; T = max(lengths)
+
 Sizes follow FlexTok's muP convention (width = 64 * depth, head_dim 64); the names give the depth and
 the size is the transformer's parameter count without the 64k-vocab embeddings and output head:
 d10 ~49M, d12 ~85M, d16 ~201M, d20 ~393M, d24 ~680M, d30 ~1.33B.
@@ -47,6 +53,7 @@ class ARConfig:
     vocab_dim: int = 0  # 0: token embedding and output head of width `dim`; > 0: one shared (tied) token table
     #                     [vocab_size, vocab_dim] with projections to and from `dim` (small models: 64000 x dim
     #                     would dwarf the transformer)
+    eos: bool = False  # one extra id (vocab_size) that ends a sequence; off: every sequence has a fixed length
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,8 +69,11 @@ class ARConfig:
         if unknown:
             raise CheckpointError(f"unknown AR config key(s) {unknown}; known: {sorted(types)}")
         for key, value in d.items():
-            ok = isinstance(value, int | float) if types[key] == "float" else isinstance(value, int)
-            if isinstance(value, bool) or not ok:
+            if types[key] == "bool":
+                ok = isinstance(value, bool)
+            else:
+                ok = not isinstance(value, bool) and isinstance(value, int | float if types[key] == "float" else int)
+            if not ok:
                 raise CheckpointError(f"AR config '{key}' must be {types[key]}, got {value!r}")
         return cls(**{k: float(v) if types[k] == "float" else v for k, v in d.items()})
 
@@ -184,12 +194,13 @@ class ARModel(nn.Module):
         self.cfg = cfg
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row: the null class
         tied = cfg.vocab_dim > 0
-        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.vocab_dim if tied else cfg.dim)
+        self.num_outputs = cfg.vocab_size + int(cfg.eos)  # the token ids, then EOS when the model has it
+        self.tok_embed = nn.Embedding(self.num_outputs, cfg.vocab_dim if tied else cfg.dim)
         self.tok_in = nn.Linear(cfg.vocab_dim, cfg.dim, bias=False) if tied else None  # table width -> dim
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         # tied: dim -> table width, then logits against the same table; else one [V, dim] output matrix
-        self.head = nn.Linear(cfg.dim, cfg.vocab_dim if tied else cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_dim if tied else self.num_outputs, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -206,6 +217,11 @@ class ARModel(nn.Module):
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
+
+    @property
+    def eos_id(self) -> int | None:
+        """The id that ends a sequence (vocab_size), or None when the model has none."""
+        return self.cfg.vocab_size if self.cfg.eos else None
 
     @property
     def device(self) -> torch.device:
@@ -242,18 +258,22 @@ class ARModel(nn.Module):
         return torch.cat([self.class_embed(labels)[:, None], self.embed_tokens(tokens)], dim=1)
 
     def logits(self, h: Tensor) -> Tensor:
-        """Final hidden states [B, L, D] -> logits [B, L, V] (float32)."""
+        """Final hidden states [B, L, D] -> logits [B, L, V] (float32; V + 1 with EOS, its logit last)."""
         out = self.head(self.norm(h))  # [B, L, V] or, tied, [B, L, vocab_dim]
         if self.tok_in is not None:
             out = out @ self.tok_embed.weight.T  # [B, L, V]
         return out.float()
 
-    def transformer(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
-        """Embeddings [B, L, D] at positions start..start+L-1 -> logits [B, L, V] (float32)."""
+    def hidden(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        """Embeddings [B, L, D] at positions start..start+L-1 -> final hidden states [B, L, D]."""
         cos, sin = rope_tables(start, x.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, caches[i] if caches is not None else None)
-        return self.logits(x)
+        return x
+
+    def transformer(self, x: Tensor, start: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        """Embeddings [B, L, D] at positions start..start+L-1 -> logits [B, L, V] (float32)."""
+        return self.logits(self.hidden(x, start, caches))
 
     def forward(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """labels [B], tokens [B, T] (T < max_tokens) -> logits [B, 1+T, V]; position i predicts token i."""
@@ -274,16 +294,29 @@ class ARModel(nn.Module):
         lengths: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Mean next-token cross-entropy (nats) over tokens [B, k]; `lengths` [B] marks valid prefixes
-        of padded rows. In training mode labels are dropped to the null class (CFG)."""
-        if tokens.shape[1] > self.cfg.max_tokens:
-            raise ValueError(f"sequences longer than max_tokens={self.cfg.max_tokens}: {tokens.shape[1]}")
-        logits = self(self.drop_labels(labels, generator), tokens[:, :-1])  # [B, k, V]
+        """Mean next-token cross-entropy (nats) over tokens [B, T]; `lengths` [B] marks valid prefixes
+        of padded rows (default: all T). With EOS, each row's target continues with EOS after its last
+        token, unless it already holds max_tokens (generation stops there anyway). In training mode labels
+        are dropped to the null class (CFG)."""
+        B, T = tokens.shape
+        if self.cfg.max_tokens < T:
+            raise ValueError(f"sequences longer than max_tokens={self.cfg.max_tokens}: {T}")
+        lengths = torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
         targets = tokens.long()
-        if lengths is not None:
-            valid = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths.to(tokens.device)[:, None]
-            targets = torch.where(valid, targets, -100)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if self.cfg.eos:  # room for EOS after the longest row: [B, T'], T' = min(T + 1, max_tokens)
+            targets = torch.cat([targets, targets.new_zeros(B, 1)], dim=1)[:, : self.cfg.max_tokens]
+        inputs = targets[:, :-1]  # [B, T' - 1]: position i predicts targets[:, i] from inputs[:, :i]
+        pos = torch.arange(targets.shape[1], device=tokens.device)[None]  # [1, T']
+        if self.cfg.eos:
+            targets = torch.where(pos == lengths[:, None], self.eos_id, targets)
+            valid = pos <= lengths[:, None]
+        else:
+            valid = pos < lengths[:, None]
+        labels = self.drop_labels(labels, generator)
+        self.check_inputs(labels, inputs)
+        h = self.hidden(self.embed(labels, inputs))  # [B, T', D]
+        logits = self.logits(h[valid])  # [N, V(+1)]: the output head only where there is a target, not on padding
+        return F.cross_entropy(logits, targets[valid])
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -297,12 +330,19 @@ class ARModel(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
-    ) -> Tensor:
+        return_lengths: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Sample token sequences [B, num_tokens] for class labels [B] (label num_classes = unconditional).
 
         CFG mixes logits: uncond + cfg_scale * (cond - uncond) (1.0: no unconditional pass). Then
         temperature (0 = greedy), top-k, top-p. `use_cache=False` recomputes the whole prefix each step
-        and gives the same tokens (a check of the KV cache)."""
+        and gives the same tokens (a check of the KV cache).
+
+        With EOS, `num_tokens` is the most a sample may take: a sample ends when it draws EOS (never as its
+        first token) and stays as it is while the others go on; the loop stops when all have ended. Then
+        the result is [B, T], T = the longest sample, filled with `eos_id` after each sample's end (no valid
+        token id, so decoding a row whole fails loudly). `return_lengths`: also the lengths [B] (without
+        EOS; num_tokens for every sample of a model without EOS)."""
         labels = torch.as_tensor(labels, device=self.device)
         self.check_inputs(labels)
         if not 1 <= num_tokens <= self.cfg.max_tokens:
@@ -314,6 +354,8 @@ class ARModel(nn.Module):
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         tokens = torch.empty(labels.shape[0], 0, dtype=torch.long, device=self.device)
         caches = self.new_caches(labels.shape[0], num_tokens) if use_cache else None
+        lengths = torch.full((B,), num_tokens, dtype=torch.long, device=self.device)
+        ended = torch.zeros(B, dtype=torch.bool, device=self.device)
         for i in range(num_tokens):
             if caches is None:
                 logits = self(labels, tokens)[:, -1]  # [B(x2), V]
@@ -323,9 +365,23 @@ class ARModel(nn.Module):
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg_scale * (cond - uncond)
+            if self.cfg.eos and i == 0:
+                logits[:, self.eos_id] = float("-inf")  # at least one token
             nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # [B]
+            if self.cfg.eos:
+                now = ~ended & (nxt == self.eos_id)
+                lengths[now] = i
+                ended |= now
+                nxt = nxt.masked_fill(ended, 0)  # an input id for the ended samples; replaced below
             tokens = torch.cat([tokens, nxt.repeat(2 if guided else 1)[:, None]], dim=1)
-        return tokens[:B]
+            if ended.all():
+                break
+        tokens = tokens[:B, : int(lengths.max())]  # [B, T]
+        if self.cfg.eos:
+            tokens = tokens.masked_fill(
+                torch.arange(tokens.shape[1], device=self.device) >= lengths[:, None], self.eos_id
+            )
+        return (tokens, lengths) if return_lengths else tokens
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
         dtype = self.head.weight.dtype

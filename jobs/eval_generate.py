@@ -8,6 +8,9 @@ FlexTok decodes them (batches mix k's), Inception features are merged per k on t
 --reference-stats (ours from eval_fid --save-stats / eval_sweep, or ADM's). Outputs in --output:
 results.json (per k, provenance), results.md, fid_vs_tokens.png, samples_grid.png (rows = samples, columns =
 k), partial/ (a rerun with the same settings resumes). The last line of standard output is a JSON summary.
+
+An AR model with an end-of-sequence token stops each sample at its EOS, k being the most tokens it may take;
+results.json then adds `length_summary` (per k: mean generated length and its histogram), results.md a table.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from jobs.eval_common import (
     inception_setup,
     local_or_hub,
     metric_options,
+    print_result,
     progress,
-    run_sweep,
     sweep_ks,
     sweep_resources,
     versions,
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     check_sweep_args(args)
     check_resource_args(args)
 
+    from pipeline.data.corpus import join
     from pipeline.eval import generate as G
     from pipeline.eval import sweep as S
     from pipeline.eval.report import Report
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
     }
     name = Path(str(args.ar_model).rstrip("/")).name
+    lengths_url = join(str(args.output), "partial", "lengths") if ar_cfg.eos else None
+    provenance["ar_model"]["eos"] = ar_cfg.eos
     spec = SweepSpec(
         name="eval_generate",
         output=str(args.output),
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             grid_keys=grid_keys,
             device=res.device,
             threads=res.threads,
+            lengths_url=lengths_url,
         ),
         model_resources=res,
         inception_weights=str(weights),
@@ -179,8 +186,45 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"[eval_generate] {args.num_samples} samples x k={list(ks)}: {len(groups)} groups to generate")
         return ray.data.from_items(groups, override_num_blocks=len(groups)) if groups else None
 
-    run_sweep(spec, rows)
+    outcome = sweep(spec, rows)
+    summary = {"files": outcome.files, "per_k": outcome.results["per_k"], "work": outcome.results["work"]}
+    if lengths_url is not None:
+        lengths = G.length_summary(lengths_url, G.sample_groups(args.num_samples, args.gen_batch), ks)
+        add_length_summary(str(args.output), lengths)
+        summary["length_summary"] = lengths
+    print_result(summary)
     return 0
+
+
+def sweep(spec, rows):
+    """pipeline.eval.sweep_run.run_sweep with its errors as one line each."""
+    from pipeline.eval.sweep_results import ResumeMismatchError
+    from pipeline.eval.sweep_run import NothingToScoreError, run_sweep
+
+    try:
+        return run_sweep(spec, rows, progress)
+    except ResumeMismatchError as e:
+        fail(f"--output: {e}")
+    except NothingToScoreError as e:
+        fail(f"--ar-model: {e}")
+
+
+def add_length_summary(output: str, lengths: dict) -> None:
+    """Generated lengths (EOS models) into the sweep's results.json and results.md."""
+    import json
+
+    from pipeline.data.corpus import join, output_fs
+    from pipeline.eval.generate import length_table
+
+    fs, root = output_fs(output)
+    path = join(root, "results.json")
+    doc = json.loads(fs.cat_file(path))
+    doc["length_summary"] = lengths
+    fs.pipe_file(path + ".tmp", (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    fs.mv(path + ".tmp", path)
+    table = fs.cat_file(join(root, "results.md")).decode()
+    heading = f"Generated lengths ({lengths['samples']} samples; EOS ends a sample, k is the most it may take):"
+    fs.pipe_file(join(root, "results.md"), f"{table}\n{heading}\n\n{length_table(lengths)}\n".encode())
 
 
 if __name__ == "__main__":

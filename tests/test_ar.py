@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flextok.ar import ARConfig, ARModel, ar_preset, sample_logits
 from flextok.checkpoint import CheckpointError
@@ -185,3 +186,111 @@ def test_tied_table_kv_cache_equals_no_cache_and_roundtrips(tmp_path):
     loaded = ARModel.from_pretrained(tmp_path / "ar")
     assert loaded.cfg.vocab_dim == 16
     torch.testing.assert_close(loaded(labels, run(True)[:, :-1]), model(labels, run(True)[:, :-1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# End of sequence (adaptive corpora)
+# ---------------------------------------------------------------------------------------------------
+def scripted_eos(model: ARModel, stops: list[int]) -> ARModel:
+    """Make sample b draw EOS at step stops[b] and never elsewhere (rows beyond len(stops): CFG's copies)."""
+    transformer = model.transformer
+
+    def patched(x, start=0, caches=None):
+        logits = transformer(x, start, caches)  # [B(x2), L, V + 1]
+        step = start + x.shape[1] - 1  # the position the last logits predict
+        hit = torch.tensor([stops[b % len(stops)] == step for b in range(x.shape[0])])
+        logits[:, -1, model.eos_id] = torch.where(hit, 1e4, -1e4)  # finite: CFG mixes them
+        return logits
+
+    model.transformer = patched
+    return model
+
+
+@pytest.mark.parametrize(("use_cache", "cfg_scale"), [(True, 1.0), (False, 1.0), (True, 3.0)])
+def test_generate_stops_each_sample_at_its_eos(use_cache, cfg_scale):
+    labels = torch.tensor([1, 2, 3, 4])
+    stops = [3, 1, 7, 99]  # the last sample never draws EOS: it runs to num_tokens
+
+    def run(stops: list[int]):
+        model = scripted_eos(tiny_ar(eos=True), stops)
+        g = torch.Generator().manual_seed(0)
+        return model.generate(labels, 12, cfg_scale, 1.0, None, None, g, use_cache, return_lengths=True)
+
+    tokens, lengths = run(stops)
+    free, _ = run([99] * 4)  # nobody stops: what each sample draws before its end
+    assert lengths.tolist() == [3, 1, 7, 12] and tokens.shape == (4, 12)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(tokens[b, :n], free[b, :n])  # an ended sample does not change the others' draws
+        assert (tokens[b, n:] == tiny_ar(eos=True).eos_id).all()
+        assert int(tokens[b, :n].max()) < 64000
+
+
+def test_generate_ends_when_every_sample_has_and_never_before_the_first_token():
+    model = scripted_eos(tiny_ar(eos=True), [0, 2, 5])  # EOS at step 0 is not allowed: that sample goes on
+    tokens, lengths = model.generate(torch.tensor([0, 1, 2]), 32, return_lengths=True)
+    assert lengths.tolist() == [32, 2, 5] and tokens.shape == (3, 32)
+    tokens, lengths = scripted_eos(tiny_ar(eos=True), [4, 2]).generate(torch.tensor([0, 1]), 32, return_lengths=True)
+    assert tokens.shape == (2, 4) and lengths.tolist() == [4, 2]  # the loop stopped with the longest sample
+
+
+def test_a_model_without_eos_has_fixed_lengths_and_no_extra_id():
+    model = tiny_ar()
+    assert model.eos_id is None and model.tok_embed.num_embeddings == 64000
+    g = torch.Generator().manual_seed(0)
+    tokens, lengths = model.generate(torch.tensor([1, 2]), 9, return_lengths=True, generator=g)
+    assert torch.equal(tokens, model.generate(torch.tensor([1, 2]), 9, generator=torch.Generator().manual_seed(0)))
+    assert lengths.tolist() == [9, 9]
+    assert tiny_ar(eos=True).tok_embed.num_embeddings == 64001
+
+
+def test_eos_loss_targets_eos_after_each_row_and_masks_padding():
+    model = tiny_ar(eos=True)
+    labels = torch.tensor([3, 5, 7])
+    tokens = torch.randint(0, 64000, (3, 6))
+    lengths = torch.tensor([6, 2, 4])
+    # by hand: row b predicts its tokens, then EOS (every row has room: max_tokens is 32)
+    logits = model(labels, tokens)  # [3, 7, V + 1]
+    terms = []
+    for b, n in enumerate(lengths.tolist()):
+        targets = torch.cat([tokens[b, :n], torch.tensor([model.eos_id])])
+        terms.append(F.cross_entropy(logits[b, : n + 1], targets, reduction="none"))
+    expected = torch.cat(terms).mean()
+    torch.testing.assert_close(model.loss(labels, tokens, lengths), expected)
+    garbage = tokens.clone()
+    garbage[1, 2:], garbage[2, 4:] = 11, 12
+    torch.testing.assert_close(model.loss(labels, garbage, lengths), expected)
+
+
+def test_eos_loss_has_no_eos_target_after_a_full_length_row():
+    model = tiny_ar(eos=True, max_tokens=8)
+    labels, tokens = torch.tensor([1]), torch.randint(0, 64000, (1, 8))
+    expected = F.cross_entropy(model(labels, tokens[:, :-1])[0], tokens[0])  # the 8 tokens, nothing after
+    torch.testing.assert_close(model.loss(labels, tokens), expected)
+
+
+def test_checkpoints_without_the_eos_key_load_as_before(tmp_path):
+    """Checkpoints written before EOS existed (the shipped models/flextok-small-ar) have no `eos` key."""
+    model = tiny_ar(seed=2)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["config"]["eos"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = ARModel.from_pretrained(tmp_path)
+    assert loaded.cfg.eos is False and loaded.cfg == model.cfg
+    g = torch.Generator
+    assert torch.equal(
+        loaded.generate(torch.tensor([4]), 8, generator=g().manual_seed(1)),
+        model.generate(torch.tensor([4]), 8, generator=g().manual_seed(1)),
+    )
+    shipped = ARModel.read_config("models/flextok-small-ar")
+    assert shipped.eos is False
+
+
+def test_eos_roundtrips_and_is_type_checked(tmp_path):
+    tiny_ar(eos=True).save_pretrained(tmp_path)
+    assert ARModel.from_pretrained(tmp_path).eos_id == 64000
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["config"]["eos"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'eos' must be bool"):
+        ARModel.from_pretrained(tmp_path)

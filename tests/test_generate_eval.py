@@ -137,7 +137,74 @@ def test_group_tokens_do_not_depend_on_other_groups(models):
     ar, flextok = models
     stage = G.GenerateStage(str(ar), str(flextok), (1, 32), {}, {"timesteps": 2}, 4, [])
     labels = torch.tensor([0, 1, 2, 3])
-    a = stage.generate(7, labels, 32)
-    assert a.shape == (4, 32)
-    assert torch.equal(a, stage.generate(7, labels, 32))
-    assert not torch.equal(a, stage.generate(8, labels, 32))
+    a, lengths = stage.generate(7, labels, 32)
+    assert a.shape == (4, 32) and lengths.tolist() == [32] * 4  # no EOS: every sample has k tokens
+    assert torch.equal(a, stage.generate(7, labels, 32)[0])
+    assert not torch.equal(a, stage.generate(8, labels, 32)[0])
+
+
+@pytest.fixture(scope="module")
+def eos_ar(tmp_path_factory) -> Path:
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("eos") / "ar"
+    ARModel(ar_preset("tiny", num_classes=4, eos=True)).save_pretrained(path)
+    return path
+
+
+def end_at(model: ARModel, stop_of_label: dict[int, int]) -> None:
+    """Make each sample draw EOS at step stop_of_label[its label] and never elsewhere."""
+    labels: list[int] = []
+    transformer = model.transformer
+
+    def remember(_module, args, _out):
+        labels[:] = args[0].tolist()  # the class embedding sees the batch's labels first
+
+    def scripted(x, start=0, caches=None):
+        logits = transformer(x, start, caches)  # [B, L, V + 1]
+        hit = torch.tensor([stop_of_label[label] == start + x.shape[1] - 1 for label in labels])
+        logits[:, -1, model.eos_id] = torch.where(hit, 1e4, -1e4)
+        return logits
+
+    model.class_embed.register_forward_hook(remember)
+    model.transformer = scripted
+
+
+def test_an_eos_model_decodes_each_sample_from_its_own_length(eos_ar, models, tmp_path, monkeypatch):
+    """Samples end at their EOS (k caps them), are decoded from the tokens they have, and each group's
+    lengths are written for the job's length summary."""
+    decoded: list[int] = []  # the length of every prefix decoded
+    decode = G.decode_prefixes
+
+    def recording(model, prefixes, *args):
+        decoded.extend(len(x) for x in prefixes)
+        return decode(model, prefixes, *args)
+
+    monkeypatch.setattr(G, "decode_prefixes", recording)
+    stops = {0: 3, 1: 1, 2: 5, 3: 99}  # class 3 never draws EOS
+    stage = G.GenerateStage(
+        str(eos_ar), str(models[1]), (4, 32), {}, {"timesteps": 2}, 4, [], lengths_url=str(tmp_path)
+    )
+    end_at(stage.ar, stops)
+    groups = G.sample_groups(6, 4)  # samples 0-3 and 4-5: labels 0, 1, 2, 3 and 0, 1
+    out = stage({name: np.array([g[name] for g in groups]) for name in ("group", "start", "count")})
+    assert list(out["k"]) == [4, 32] * 6
+    expected = {k: [min(stops[i % 4], k) for i in range(6)] for k in (4, 32)}
+    assert decoded == [expected[k][i] for i in range(6) for k in (4, 32)]
+    summary = G.length_summary(str(tmp_path), groups, (4, 32))
+    assert summary["samples"] == 6
+    for row in summary["per_k"]:
+        lengths = expected[row["k"]]
+        assert row["mean"] == pytest.approx(sum(lengths) / 6)
+        assert row["histogram"] == {str(n): lengths.count(n) for n in sorted(set(lengths))}
+    assert G.length_summary(str(tmp_path), G.sample_groups(10, 4), (4,))["samples"] == 6  # group 2: no file
+
+
+def test_length_summary_goes_into_results(tmp_path):
+    from jobs.eval_generate import add_length_summary
+
+    (tmp_path / "results.json").write_text(json.dumps({"per_k": []}))
+    (tmp_path / "results.md").write_text("| k | gFID |\n")
+    summary = {"samples": 3, "per_k": [{"k": 8, "mean": 14 / 3, "histogram": {"2": 1, "4": 1, "8": 1}}]}
+    add_length_summary(str(tmp_path), summary)
+    assert results(tmp_path) == {"per_k": [], "length_summary": summary}
+    assert "| 8 | 4.67 | 2: 1, 4: 1, 8: 1 |" in (tmp_path / "results.md").read_text()

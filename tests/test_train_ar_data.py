@@ -1,9 +1,13 @@
-"""The AR job's training dataset: a small corpus is read once (materialized), a large one streams."""
+"""The AR job's training data: a small corpus is read once (materialized), a large one streams; rows of different
+lengths (adaptive corpora) are padded, the padding is measured, and they turn the end-of-sequence token on."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pytest
 
+from flextok.ar import ar_preset
 from pipeline.data.corpus import CorpusMeta, commit_unit, output_fs, tokens_table, write_summary
 
 
@@ -28,3 +32,38 @@ def test_a_small_corpus_is_materialized_once_and_a_large_one_streams(ray_session
     assert not isinstance(large, MaterializedDataset)
     rows = [sorted((r["key"], list(r["tokens"])) for r in ds.take_all()) for ds in (small, large)]
     assert rows[0] == rows[1] and len(rows[0]) == 40 and len(rows[0][0][1]) == 4
+
+
+def variable_length_rows(lengths: list[int]) -> pa.Table:
+    """Corpus rows (key, label, tokens) with token ids >= 1, so that a 0 in a batch is padding."""
+    tokens = [list(range(1, n + 1)) for n in lengths]
+    return pa.table({"key": [f"r{i}" for i in range(len(lengths))], "label": [1.0] * len(lengths), "tokens": tokens})
+
+
+def test_rows_of_different_lengths_are_padded_and_the_padding_fraction_counts_the_padding():
+    from pipeline.train.ar import ARObjective, TokenCollate, padding_fraction
+
+    batch = TokenCollate(null_class=10, max_tokens=32)(variable_length_rows([1, 4, 2, 4, 3]))
+    assert batch["tokens"].shape == (5, 4) and batch["lengths"].tolist() == [1, 4, 2, 4, 3]
+    padded = (batch["tokens"] == 0).float().mean().item()
+    assert padding_fraction(batch["lengths"], 4) == pytest.approx(padded)
+    objective = ARObjective(ar_preset("tiny", num_classes=10, eos=True))
+    assert objective(**batch)["pad_fraction"] == pytest.approx(padded)
+
+
+def test_expected_padding_fraction_matches_random_batches():
+    from pipeline.train.ar import expected_padding_fraction
+
+    histogram = {1: 19, 2: 16, 4: 63, 8: 64, 16: 33, 32: 5}
+    rows = np.repeat(list(histogram), list(histogram.values()))
+    batches = np.random.default_rng(0).choice(rows, size=(20_000, 8))  # [batches, rows]
+    simulated = 1 - batches.sum() / (batches.max(axis=1).sum() * 8)  # padded slots / all slots
+    assert expected_padding_fraction(histogram, 8) == pytest.approx(simulated, abs=0.005)
+
+
+@pytest.mark.parametrize(("flag", "adaptive", "expected"), [("auto", True, True), ("auto", False, False),
+                                                           ("on", False, True), ("off", True, False)])  # fmt: skip
+def test_eos_is_on_for_adaptive_corpora_unless_a_flag_says_otherwise(flag, adaptive, expected):
+    from jobs.train_ar import use_eos
+
+    assert use_eos(flag, adaptive) is expected

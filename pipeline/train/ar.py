@@ -5,7 +5,9 @@ to the workers through Ray Data.
     task = ARTask(model=ar_preset("d12", max_tokens=128).to_dict())
     run_training(task, LoopConfig(...), ds, Scaling(8, gpus_per_worker=1), Run("s3://bucket/runs/ar-d12"))
 
-Rows without a label train the null class (the unconditional model that CFG uses).
+Rows without a label train the null class (the unconditional model that CFG uses). Rows of an adaptive corpus
+differ in length: a batch is zero-padded to its longest row and the loss masks the padding; the objective
+reports the share of padded slots as `pad_fraction` (a metric in metrics.jsonl / TensorBoard).
 """
 
 from __future__ import annotations
@@ -35,7 +37,24 @@ class ARObjective(nn.Module):
     def forward(
         self, labels: Tensor, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
-        return {"loss": self.model.loss(labels, tokens, lengths, generator=generator)}
+        loss = self.model.loss(labels, tokens, lengths, generator=generator)
+        return {"loss": loss, "pad_fraction": padding_fraction(lengths, tokens.shape[1])}
+
+
+def padding_fraction(lengths: Tensor, width: int) -> float:
+    """Share of the slots of a padded batch [B, width] that hold no token (rows of `lengths` [B] tokens)."""
+    return 1.0 - float(lengths.sum()) / (len(lengths) * width) if len(lengths) and width else 0.0
+
+
+def expected_padding_fraction(histogram: dict[int, int], batch: int) -> float:
+    """Share of padded slots over many batches of `batch` rows drawn at random from a corpus with
+    `histogram` {length: rows}, each batch padded to its longest row: 1 - mean length / E[longest], where
+    P(longest <= n) = F(n)^batch (F: the share of rows of length <= n)."""
+    ns = np.array(sorted(histogram), dtype=np.float64)
+    share = np.array([histogram[n] for n in sorted(histogram)], dtype=np.float64) / sum(histogram.values())
+    below = np.cumsum(share) ** batch  # P(longest <= n)
+    longest = float((ns * np.diff(below, prepend=0.0)).sum())  # E[longest]
+    return 1.0 - float((ns * share).sum()) / longest
 
 
 class TokenCollate(ArrowBatchCollateFn):
