@@ -10,11 +10,17 @@
    that table: chosen k, misses, decodes per image; also how often it differs from the exhaustive smallest k.
 3. `--live` repeats one target's search for real (mixed-k decode calls) and checks it picks the same k's.
 4. Fixed k = round(adaptive's mean tokens) is decoded for every target: the equal-tokens comparison.
+
+`--table-only` stops after step 1 and saves the table (`table.npz`: files, tokens, ladder, psnr), the training
+data of the length predictor (jobs/train_length_predictor.py):
+
+    python bench/adaptive.py --list models/flextok-small/train.csv --table-only --output out/adaptive-train
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -135,6 +141,7 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--limit", type=int, help="first N photos only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-only", action="store_true", help="only decode every rung and save table.npz")
     args = p.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -151,6 +158,23 @@ def main() -> None:
     tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=lambda m: print(m, flush=True))
     psnr = tables[0]
     print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(args.list, newline="") as f:
+        files = [row["file"] for row in csv.DictReader(f)][: len(photos)]
+    np.savez(
+        out / "table.npz",
+        files=np.array(files),
+        tokens=tokens.cpu().numpy().astype(np.int64),  # [N, registers]
+        ladder=np.array(ladder),
+        psnr=psnr,  # [N, L] dB at every rung
+        seeds=np.array(seeds),
+        timesteps=args.timesteps,
+        guidance_scale=args.guidance_scale,
+    )
+    print(f"-> {out / 'table.npz'}")
+    if args.table_only:
+        return
 
     mean_max = float(psnr[:, -1].mean())
     targets = (
@@ -219,8 +243,6 @@ def main() -> None:
     if args.inception:
         results["non_monotone_inception"] = {"any_rise": int(non_monotone(tables[1], Criterion("inception", 0)).sum())}
         results["inception_table"] = np.round(tables[1], 5).tolist()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "rate.png")
 
