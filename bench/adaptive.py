@@ -60,6 +60,19 @@ def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
     return bisect_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
 
 
+def same_table(path: Path, files: list[str], ladder: list[int], seeds: list[int], dec: Decoding) -> bool:
+    """Whether a saved table.npz was decoded for these photos, rungs, seeds and decoder settings."""
+    if not path.is_file():
+        return False
+    saved = np.load(path)
+    return (
+        saved["files"].tolist() == files
+        and saved["ladder"].tolist() == ladder
+        and saved["seeds"].tolist() == seeds
+        and (int(saved["timesteps"]), float(saved["guidance_scale"])) == (dec.timesteps, dec.guidance_scale)
+    )
+
+
 def adaptive_point(psnr: np.ndarray, table: np.ndarray, ladder: list[int], criterion: Criterion) -> dict:
     result = replay(table, ladder, criterion)
     exhaustive_k, _ = smallest_meeting(table, ladder, criterion)
@@ -142,6 +155,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="first N photos only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table-only", action="store_true", help="only decode every rung and save table.npz")
+    p.add_argument(
+        "--reuse-table",
+        action="store_true",
+        help="take step 1 from OUTPUT/table.npz when it holds the same photos, ladder, seeds and decoding",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -154,14 +172,20 @@ def main() -> None:
     scorers = [PSNRScorer()]
     if args.inception:
         scorers.append(make_scorer(Criterion("inception", 0.0), device=device))
-    start = time.perf_counter()
-    tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=lambda m: print(m, flush=True))
-    psnr = tables[0]
-    print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     with open(args.list, newline="") as f:
         files = [row["file"] for row in csv.DictReader(f)][: len(photos)]
+    start = time.perf_counter()
+    if args.reuse_table and not args.inception and same_table(out / "table.npz", files, ladder, seeds, dec):
+        saved = np.load(out / "table.npz")
+        tokens, psnr = torch.as_tensor(saved["tokens"]).to(model.device), saved["psnr"]
+        print(f"every rung: reused {out / 'table.npz'}")
+    else:
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=log)
+        psnr = tables[0]
+        print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
     np.savez(
         out / "table.npz",
         files=np.array(files),
