@@ -24,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the tokenizer the table's tokens come from (required)")
     p.add_argument("--table", help="table.npz from bench/adaptive.py --table-only (required)")
     p.add_argument("--output", help="folder for config.json + model.safetensors (required)")
-    p.add_argument("--hidden", type=int, default=64, help="MLP width (default 64)")
+    p.add_argument("--hidden", type=int, default=32, help="MLP width (default 32); 0: a linear head")
     p.add_argument("--coverage", type=float, default=0.9, help="psnr:TARGET margin's share of photos (0.9)")
     p.add_argument("--steps", type=int, default=1500, help="full-batch AdamW steps (default 1500)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--l2", type=float, default=0.1, help="penalty on the head's squared weights (default 0.1)")
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the calibration curves (5)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("model", "table", "output"):
         if not getattr(args, name):
             fail(f"--{name} is required")
-    if not 0 < args.coverage <= 1 or args.folds < 2 or args.steps < 1 or args.hidden < 1:
-        fail("need 0 < --coverage <= 1, --folds >= 2, --steps >= 1, --hidden >= 1")
+    if not 0 < args.coverage <= 1 or args.folds < 2 or args.steps < 1 or args.hidden < 0:
+        fail("need 0 < --coverage <= 1, --folds >= 2, --steps >= 1, --hidden >= 0")
     import numpy as np
 
     from flextok.checkpoint import read_checkpoint_info
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         coverage=args.coverage,
         decoding=f"timesteps={int(table['timesteps'])},guidance_scale={float(table['guidance_scale']):g}",
     )
-    fit = FitConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, folds=args.folds, seed=args.seed)
+    fit = FitConfig(steps=args.steps, lr=args.lr, l2=args.l2, folds=args.folds, seed=args.seed)
     predictor, report = fit_length_predictor(tokens, psnr, cfg, fit)
     predictor.save(args.output)
     (Path(args.output) / "fit.json").write_text(json.dumps({"table": args.table, **report}, indent=1) + "\n")

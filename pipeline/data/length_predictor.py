@@ -44,7 +44,7 @@ class PredictorConfig:
     num_registers: int  # tokens per image of the tokenizer it was trained for
     fsq_levels: tuple[int, ...]  # that tokenizer's FSQ levels (token id -> codes)
     tokenizer_sha256: str = ""  # flextok.checkpoint digest of that tokenizer ("" = not checked)
-    hidden: int = 64
+    hidden: int = 32  # MLP width; 0: a linear head on the codes
     coverage: float = 0.9  # psnr:TARGET margin: share of reachable training photos that must meet the target
     decoding: str = ""  # decoder settings of the training curves, e.g. "timesteps=25,guidance_scale=1"
 
@@ -83,9 +83,11 @@ class LengthPredictor(nn.Module):
         self.cfg = cfg
         self.fsq = FSQ(cfg.fsq_levels)
         L = len(cfg.ladder)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.num_registers * self.fsq.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, L)
-        )
+        d = cfg.num_registers * self.fsq.dim
+        if cfg.hidden:
+            self.head = nn.Sequential(nn.Linear(d, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, L))
+        else:
+            self.head = nn.Sequential(nn.Linear(d, L))
         self.register_buffer("offset", torch.zeros(L))  # [L] first-rung PSNR and step sizes of the mean curve
         # Out-of-fold predictions and true PSNR of the training photos, [N, L] each: the threshold's calibration.
         self.register_buffer("calib_pred", torch.zeros(0, L))
@@ -94,12 +96,12 @@ class LengthPredictor(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, n] (int) -> predicted PSNR [B, L], non-decreasing along the ladder."""
         codes = self.fsq.indices_to_codes(tokens[:, : self.cfg.num_registers])  # [B, n, 6]
-        raw = self.mlp(codes.flatten(1)) + self.offset  # [B, L]
+        raw = self.head(codes.flatten(1)) + self.offset  # [B, L]
         steps = nn.functional.softplus(raw[:, 1:])  # [B, L-1] >= 0
         return torch.cat([raw[:, :1], raw[:, :1] + steps.cumsum(dim=1)], dim=1)
 
     def init_offset(self, psnr: torch.Tensor) -> None:
-        """Start from the mean training curve (psnr [N, L]): the MLP then learns each image's deviation."""
+        """Start from the mean training curve (psnr [N, L]): the head then learns each image's deviation."""
         mean = psnr.mean(0)
         steps = (mean[1:] - mean[:-1]).clamp_min(1e-3)
         inv_softplus = steps + torch.log(-torch.expm1(-steps))  # softplus^-1

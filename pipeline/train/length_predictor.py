@@ -3,9 +3,11 @@
     predictor, report = fit_length_predictor(tokens, psnr, cfg, FitConfig())
 
 The data is small (one row per training photo: its tokens [n] and its PSNR at every rung [L]), so each step
-is one full-batch AdamW step on the mean squared error in dB; no Ray Train. `folds`-fold cross-fitting first
-gives every training photo an out-of-fold predicted curve, which the predictor keeps to calibrate its
-threshold margin (pipeline.data.length_predictor.LengthPredictor.margin); then one model fits all photos.
+is one full-batch Adam step on the mean squared error in dB plus `l2` times the squared head weights (ridge:
+with 200 photos and 192 inputs an unpenalised head fits the photos and not the trend); no Ray Train.
+`folds`-fold cross-fitting first gives every training photo an out-of-fold predicted curve, which the predictor
+keeps to calibrate its threshold margin (pipeline.data.length_predictor.LengthPredictor.margin); then one
+model fits all photos.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from ..data.length_predictor import LengthPredictor, PredictorConfig
 
 @dataclass(frozen=True)
 class FitConfig:
-    steps: int = 1500  # full-batch AdamW steps
-    lr: float = 3e-3
-    weight_decay: float = 0.1
+    steps: int = 1500  # full-batch Adam steps
+    lr: float = 1e-2
+    l2: float = 0.1  # penalty on the squared weights of the head's matrices
     folds: int = 5  # cross-fitting folds for the out-of-fold calibration curves
     seed: int = 0
 
@@ -32,10 +34,11 @@ def fit_once(tokens: torch.Tensor, psnr: torch.Tensor, cfg: PredictorConfig, fit
     torch.manual_seed(fit.seed)
     model = LengthPredictor(cfg)
     model.init_offset(psnr)
-    opt = torch.optim.AdamW(model.mlp.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
+    opt = torch.optim.Adam(model.head.parameters(), lr=fit.lr)
+    matrices = [p for p in model.head.parameters() if p.ndim == 2]
     model.train()
     for _ in range(fit.steps):
-        loss = torch.nn.functional.mse_loss(model(tokens), psnr)
+        loss = torch.nn.functional.mse_loss(model(tokens), psnr) + fit.l2 * sum(w.square().sum() for w in matrices)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
