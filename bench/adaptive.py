@@ -10,11 +10,21 @@
    that table: chosen k, misses, decodes per image; also how often it differs from the exhaustive smallest k.
 3. `--live` repeats one target's search for real (mixed-k decode calls) and checks it picks the same k's.
 4. Fixed k = round(adaptive's mean tokens) is decoded for every target: the equal-tokens comparison.
+
+`--length-predictor PATH` also scores a length predictor's picks (zero decodes) on the decoded table: for each
+target its threshold rule (calibrated margin), and its equal-slope rule for a few LAMBDAs, each against the
+search and against fixed k at equal mean tokens.
+
+`--table-only` stops after step 1 and saves the table (`table.npz`: files, tokens, ladder, psnr), the training
+data of the length predictor (jobs/train_length_predictor.py):
+
+    python bench/adaptive.py --list models/flextok-small/train.csv --table-only --output out/adaptive-train
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -47,11 +57,28 @@ from pipeline.data.adaptive import (  # noqa: E402
 sys.path.insert(0, str(REPO / "bench"))
 from small_model import load_photos  # noqa: E402
 
+from pipeline.data.length_predictor import LengthPredictor, Rule, choose_rungs  # noqa: E402
+
+SLOPES = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]  # LAMBDAs (dB per token) of the equal-slope points
+
 
 def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
     """The search run against a table of scores [N, L] instead of the decoder."""
     column = {k: j for j, k in enumerate(ladder)}
     return bisect_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
+
+
+def same_table(path: Path, files: list[str], ladder: list[int], seeds: list[int], dec: Decoding) -> bool:
+    """Whether a saved table.npz was decoded for these photos, rungs, seeds and decoder settings."""
+    if not path.is_file():
+        return False
+    saved = np.load(path)
+    return (
+        saved["files"].tolist() == files
+        and saved["ladder"].tolist() == ladder
+        and saved["seeds"].tolist() == seeds
+        and (int(saved["timesteps"]), float(saved["guidance_scale"])) == (dec.timesteps, dec.guidance_scale)
+    )
 
 
 def adaptive_point(psnr: np.ndarray, table: np.ndarray, ladder: list[int], criterion: Criterion) -> dict:
@@ -88,6 +115,47 @@ def equal_slope_points(psnr: np.ndarray, ladder: list[int], lambdas: list[float]
     return points
 
 
+def predictor_points(predictor, tokens, psnr: np.ndarray, ladder: list[int], search: list[dict]) -> dict:
+    """A length predictor's picks scored on the decoded table [N, L]: per search point the threshold rule at the
+    same target (margin calibrated on the predictor's training photos), then the equal-slope rule per LAMBDA."""
+    pred = predictor.predict(tokens.cpu())  # [N, L], no decoder call
+    rows = np.arange(len(psnr))
+    thresholds, slopes = [], []
+    for point in search:
+        target = point["target"]
+        margin = predictor.margin(target)
+        k, predicted_miss = choose_rungs(pred, ladder, Rule("psnr", target), margin)
+        chosen = psnr[rows, np.searchsorted(ladder, k)]
+        met, reachable = chosen >= target, (psnr >= target).any(axis=1)
+        thresholds.append({
+            "rule": f"psnr:{target:g}",
+            "margin_db": margin,
+            "mean_tokens": float(k.mean()),
+            "mean_psnr": float(chosen.mean()),
+            "met": int(met.sum()),
+            "reachable": int(reachable.sum()),
+            "met_of_reachable": float(met[reachable].mean()) if reachable.any() else 1.0,
+            "predicted_miss": int(predicted_miss.sum()),
+            "search_met": len(psnr) - point["missed"],
+            "search_mean_tokens": point["mean_tokens"],
+            "tokens_ratio_vs_search": float(k.mean() / point["mean_tokens"]),
+            "k_histogram": {int(r): int((k == r).sum()) for r in ladder},
+        })  # fmt: skip
+    for lam in SLOPES:
+        k, _ = choose_rungs(pred, ladder, Rule("psnr-slope", lam))
+        chosen = psnr[rows, np.searchsorted(ladder, k)]
+        slopes.append(
+            {"rule": f"psnr-slope:{lam:g}", "mean_tokens": float(k.mean()), "mean_psnr": float(chosen.mean())}
+        )
+    err = pred - psnr
+    return {
+        "rmse_db": np.sqrt((err**2).mean(axis=0)).round(3).tolist(),
+        "bias_db": err.mean(axis=0).round(3).tolist(),  # predicted - decoded, per rung
+        "threshold": thresholds,
+        "slope": slopes,
+    }
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -103,6 +171,12 @@ def plot(results: dict, path: Path) -> None:
             ax.plot([p["mean_tokens"] for p in pts], [p["mean_psnr"] for p in pts], marker, label=f"adaptive ({name})")
             for p in pts:
                 ax.annotate(f"{p['target']:g}", (p["mean_tokens"], p["mean_psnr"]), fontsize=7)
+    predicted = results.get("length_predictor") or {}
+    for name, marker in (("threshold", "D"), ("slope", "v")):
+        pts = predicted.get(name, [])
+        if pts:
+            xs, ys = [p["mean_tokens"] for p in pts], [p["mean_psnr"] for p in pts]
+            ax.plot(xs, ys, marker, label=f"length predictor ({name})")
     oracle = results.get("equal_slope_oracle") or []
     if oracle:
         ax.plot([p["mean_tokens"] for p in oracle], [p["mean_psnr"] for p in oracle], ".:", label="equal-slope oracle")
@@ -135,6 +209,13 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--limit", type=int, help="first N photos only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length-predictor", help="also score this length predictor's picks (zero decodes)")
+    p.add_argument("--table-only", action="store_true", help="only decode every rung and save table.npz")
+    p.add_argument(
+        "--reuse-table",
+        action="store_true",
+        help="take step 1 from OUTPUT/table.npz when it holds the same photos, ladder, seeds and decoding",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -147,10 +228,33 @@ def main() -> None:
     scorers = [PSNRScorer()]
     if args.inception:
         scorers.append(make_scorer(Criterion("inception", 0.0), device=device))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(args.list, newline="") as f:
+        files = [row["file"] for row in csv.DictReader(f)][: len(photos)]
     start = time.perf_counter()
-    tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=lambda m: print(m, flush=True))
-    psnr = tables[0]
-    print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
+    if args.reuse_table and not args.inception and same_table(out / "table.npz", files, ladder, seeds, dec):
+        saved = np.load(out / "table.npz")
+        tokens, psnr = torch.as_tensor(saved["tokens"]).to(model.device), saved["psnr"]
+        print(f"every rung: reused {out / 'table.npz'}")
+    else:
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        tokens, tables, _ = score_every_k(model, photos, ladder, scorers, seeds, dec, log=log)
+        psnr = tables[0]
+        print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
+    np.savez(
+        out / "table.npz",
+        files=np.array(files),
+        tokens=tokens.cpu().numpy().astype(np.int64),  # [N, registers]
+        ladder=np.array(ladder),
+        psnr=psnr,  # [N, L] dB at every rung
+        seeds=np.array(seeds),
+        timesteps=args.timesteps,
+        guidance_scale=args.guidance_scale,
+    )
+    print(f"-> {out / 'table.npz'}")
+    if args.table_only:
+        return
 
     mean_max = float(psnr[:, -1].mean())
     targets = (
@@ -166,11 +270,17 @@ def main() -> None:
         table = psnr if c.name == "psnr" else tables[1]
         adaptive.append(adaptive_point(psnr, table, ladder, c))
 
-    # Fixed k at every rung, then at round(mean tokens) of each adaptive point (same photos, same noise).
+    oracle = equal_slope_points(psnr, ladder, SLOPES)
+    predicted = None
+    if args.length_predictor:
+        predicted = predictor_points(LengthPredictor.load(args.length_predictor), tokens, psnr, ladder, adaptive)
+
+    # Fixed k at every rung, then at round(mean tokens) of each other point (same photos, same noise).
     fixed = {k: float(psnr[:, j].mean()) for j, k in enumerate(ladder)}
     noise = image_noise(model, seeds)
     idx = np.arange(len(photos))
-    for point in adaptive:
+    others = oracle + (predicted["threshold"] + predicted["slope"] if predicted else [])
+    for point in adaptive + others:
         k = int(round(point["mean_tokens"]))
         if k not in fixed:
             recon = decode_prefixes(model, tokens, idx, np.full(len(photos), k), noise, dec)
@@ -178,6 +288,7 @@ def main() -> None:
         point["fixed_k_equal_tokens"] = k
         point["fixed_psnr_equal_tokens"] = fixed[k]
         point["gain_db_vs_fixed_equal_tokens"] = point["mean_psnr"] - fixed[k]
+    for point in adaptive:
         point["gap_db_vs_fixed_max"] = fixed[ladder[-1]] - point["mean_psnr"]
         point["tokens_ratio_vs_fixed_max"] = point["mean_tokens"] / ladder[-1]
         point["goal_met"] = point["gap_db_vs_fixed_max"] <= 0.5 and point["tokens_ratio_vs_fixed_max"] <= 0.6
@@ -213,14 +324,13 @@ def main() -> None:
         "psnr_table": np.round(psnr, 3).tolist(),
         "fixed": [{"k": k, "mean_tokens": k, "mean_psnr": v} for k, v in sorted(fixed.items())],
         "adaptive": adaptive,
-        "equal_slope_oracle": equal_slope_points(psnr, ladder, [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]),
+        "equal_slope_oracle": oracle,
+        "length_predictor": predicted and {"path": args.length_predictor, **predicted},
         "live_search": live,
     }
     if args.inception:
         results["non_monotone_inception"] = {"any_rise": int(non_monotone(tables[1], Criterion("inception", 0)).sum())}
         results["inception_table"] = np.round(tables[1], 5).tolist()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "rate.png")
 
@@ -240,6 +350,34 @@ def main() -> None:
             f"{a['fixed_k_equal_tokens']} | {a['fixed_psnr_equal_tokens']:.2f} | {a['missed']} | "
             f"{a['decodes_max']} | {'yes' if a['goal_met'] else 'no'} |"
         )
+    print(
+        "\n| equal-slope oracle | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR |\n"
+        "|---|---:|---:|---:|---:|"
+    )
+    for o in oracle:
+        print(
+            f"| lambda {o['lambda']:g} | {o['mean_tokens']:.2f} | {o['mean_psnr']:.2f} | {o['fixed_k_equal_tokens']} | "
+            f"{o['fixed_psnr_equal_tokens']:.2f} |"
+        )
+    if predicted:
+        print(f"\nlength predictor {args.length_predictor}: held-out RMSE per rung {predicted['rmse_db']} dB, bias "
+              f"(predicted - decoded) {predicted['bias_db']} dB")  # fmt: skip
+        print(
+            "| rule | margin | mean tokens | search's | ratio | met / reachable | search met | mean PSNR | fixed k "
+            "| its PSNR |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in predicted["threshold"]:
+            print(
+                f"| {t['rule']} | {t['margin_db']:.2f} | {t['mean_tokens']:.2f} | {t['search_mean_tokens']:.2f} | "
+                f"{t['tokens_ratio_vs_search']:.2f} | {t['met']}/{t['reachable']} | {t['search_met']} | "
+                f"{t['mean_psnr']:.2f} | {t['fixed_k_equal_tokens']} | {t['fixed_psnr_equal_tokens']:.2f} |"
+            )
+        for t in predicted["slope"]:
+            print(
+                f"| {t['rule']} | | {t['mean_tokens']:.2f} | | | | | {t['mean_psnr']:.2f} | "
+                f"{t['fixed_k_equal_tokens']} | {t['fixed_psnr_equal_tokens']:.2f} |"
+            )
     if live:
         print(f"\nlive search psnr:{live['target']:g}: same k as the replay for {live['same_k']}/{len(photos)} photos")
     print(f"-> {out / 'results.json'}, {out / 'rate.png'}")

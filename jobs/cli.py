@@ -28,6 +28,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("validate",): ("jobs.validate_corpus", "check a token corpus: schema, ids, counts, manifest"),
     ("train", "tokenizer"): ("jobs.train_tokenizer", "train a FlexTok tokenizer (Ray Train)"),
     ("train", "ar"): ("jobs.train_ar", "train the class-conditional AR model on a token corpus (Ray Train)"),
+    ("train", "length-predictor"): ("jobs.train_length_predictor", "fit the PSNR-curve length predictor (adaptive k)"),
     ("eval", "fid"): ("jobs.eval_fid", "FID of a folder/shards of images against reference statistics"),
     ("eval", "sweep"): ("jobs.eval_sweep", "reconstruction sweep: rFID and images for each token count k"),
     ("eval", "generate"): ("jobs.eval_generate", "generation sweep: gFID and samples of the AR model per k"),

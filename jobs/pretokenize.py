@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ladder", help="adaptive: the k's to choose from, e.g. 1,2,4,8 (default: powers of two)")
     p.add_argument("--adaptive-timesteps", type=int, default=25, help="adaptive: decoder steps (default 25)")
     p.add_argument("--adaptive-guidance-scale", type=float, default=1.0, help="adaptive: guidance (default 1)")
+    p.add_argument(
+        "--length-predictor",
+        help="adaptive: a length predictor folder (flextok train length-predictor): k from its predicted PSNR "
+        "curve, no decoder call; --adaptive psnr:TARGET or psnr-slope:LAMBDA",
+    )
     add_worker_args(p, "tokenizer actors")
     return p
 
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         ladder=args.ladder,
         adaptive_timesteps=args.adaptive_timesteps,
         adaptive_guidance_scale=args.adaptive_guidance_scale,
+        length_predictor=args.length_predictor,
     )
     try:
         meta = tokenizer_meta(cfg)  # the model's files checked before Ray starts
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if adaptive:
         print(
             f"adaptive {args.adaptive}: mean {adaptive['mean_tokens']:.2f} tokens per row, k histogram "
-            f"{adaptive['k_histogram']}, {adaptive['missed']} missed the target"
+            f"{adaptive['k_histogram']}, {adaptive['missed']} missed the target, {adaptive['decodes']} decoder calls"
         )
     return 0
 

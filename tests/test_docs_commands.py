@@ -40,6 +40,7 @@ REQUIRED: dict[str, list[tuple[str, ...]]] = {
     "jobs.eval_sweep": [("model",), ("input",), ("output",)],
     "jobs.eval_generate": [("ar_model",), ("model",), ("reference_stats",), ("output",)],
     "jobs.inception_convert": [],
+    "jobs.train_length_predictor": [("model",), ("table",), ("output",)],
 }
 PLACEHOLDER = re.compile(r"<[^>]*>|\b[A-Z][A-Z_]{2,}\b")
 

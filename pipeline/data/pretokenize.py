@@ -88,6 +88,7 @@ class PretokenizeConfig:
     ladder: str | None = None  # adaptive: the k's to choose from, "1,2,4"; None: powers of two up to the registers
     adaptive_timesteps: int = 25  # adaptive: decoder steps of the search's reconstructions
     adaptive_guidance_scale: float = 1.0  # adaptive: their guidance scale
+    length_predictor: str | None = None  # adaptive: a predictor folder; k from predicted PSNR, no decoder call
 
 
 @dataclass
@@ -197,10 +198,11 @@ def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
         raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
     is_folder = is_url(cfg.model) or Path(cfg.model).is_dir()
     name = posixpath.basename(str(cfg.model).rstrip("/")) if is_folder else cfg.model
-    adaptive = adaptive_meta(cfg, n)
+    digest = info.digest()
+    adaptive = predictor_meta(cfg, info.cfg, digest) if cfg.length_predictor else adaptive_meta(cfg, n)
     return CorpusMeta(
         tokenizer=name,
-        tokenizer_sha256=info.digest(),
+        tokenizer_sha256=digest,
         codebook_size=info.codebook_size,
         num_registers=n,
         num_tokens=int(adaptive["adaptive_ladder"].split(",")[-1]) if adaptive else (cfg.num_tokens or n),
@@ -224,6 +226,8 @@ def adaptive_meta(cfg: PretokenizeConfig, num_registers: int) -> dict[str, str]:
         raise JobInputError("--num-tokens and --adaptive exclude each other (the ladder's largest k is the cap)")
     if cfg.adaptive_timesteps < 1:
         raise JobInputError(f"--adaptive-timesteps {cfg.adaptive_timesteps}: need at least 1 decoder step")
+    if str(cfg.adaptive).lower().startswith("psnr-slope"):
+        raise JobInputError(f"--adaptive {cfg.adaptive}: psnr-slope:LAMBDA needs --length-predictor")
     try:
         criterion = parse_adaptive(cfg.adaptive)
         ladder = parse_ladder(cfg.ladder, num_registers)
@@ -237,6 +241,42 @@ def adaptive_meta(cfg: PretokenizeConfig, num_registers: int) -> dict[str, str]:
         "adaptive_target": f"{criterion.target:g}",
         "adaptive_ladder": ",".join(map(str, ladder)),
         "adaptive_decoding": settings.decoding_text(),
+    }
+
+
+def predictor_meta(cfg: PretokenizeConfig, model_cfg, tokenizer_sha256: str) -> dict[str, str]:
+    """The CorpusMeta fields of --adaptive with --length-predictor: the rule, the predictor's ladder, and the
+    predictor (path + sha256) in place of decoder settings. A predictor that does not fit the tokenizer, or a
+    --ladder other than its own, is a JobInputError (one line)."""
+    from .length_predictor import parse_rule, predictor_digest, read_config
+
+    where = f"--length-predictor {cfg.length_predictor}"
+    if not cfg.adaptive:
+        raise JobInputError("--length-predictor needs --adaptive psnr:TARGET or psnr-slope:LAMBDA")
+    if cfg.num_tokens is not None:
+        raise JobInputError("--num-tokens and --adaptive exclude each other (the ladder's largest k is the cap)")
+    if "://" in str(cfg.length_predictor):
+        raise JobInputError(f"{where}: a local folder is needed")
+    try:
+        rule = parse_rule(cfg.adaptive)
+    except ValueError as e:
+        raise JobInputError(str(e)) from None
+    try:
+        pcfg = read_config(cfg.length_predictor)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise JobInputError(f"--length-predictor: {e}") from None
+    ladder = list(pcfg.ladder)
+    if cfg.ladder and cfg.ladder.replace(" ", "") != ",".join(map(str, ladder)):
+        raise JobInputError(f"--ladder {cfg.ladder}: the length predictor predicts the ladder {ladder} only")
+    if pcfg.num_registers != model_cfg.num_registers or tuple(pcfg.fsq_levels) != tuple(model_cfg.fsq_levels):
+        raise JobInputError(f"{where}: made for a tokenizer with other registers or FSQ levels than {cfg.model}")
+    if pcfg.tokenizer_sha256 and pcfg.tokenizer_sha256 != tokenizer_sha256:
+        raise JobInputError(f"{where}: trained on another tokenizer's tokens (digest differs from {cfg.model})")
+    return {
+        "adaptive_criterion": rule.name,
+        "adaptive_target": f"{rule.value:g}",
+        "adaptive_ladder": ",".join(map(str, ladder)),
+        "adaptive_decoding": f"length-predictor={cfg.length_predictor},sha256={predictor_digest(cfg.length_predictor)}",
     }
 
 
@@ -292,6 +332,8 @@ def build_dataset(todo: list[tuple[str, InputShard]], cfg: PretokenizeConfig, me
             "timesteps": cfg.adaptive_timesteps,
             "guidance_scale": cfg.adaptive_guidance_scale,
         }
+        if cfg.length_predictor:
+            actor_kwargs["adaptive"]["length_predictor"] = str(Path(cfg.length_predictor).resolve())
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=actor_kwargs,
