@@ -24,6 +24,21 @@ def fail(message: str) -> NoReturn:
     raise JobError(message)
 
 
+FLAGS = {"inputs": "--input"}  # config fields whose flag is not `--` + the field with dashes
+
+
+def user_message(e: Exception) -> str:
+    """The library's one-line message, with each setting a SettingError names shown as the job's flag
+    (`num_tokens` -> `--num-tokens`); the library itself names config fields, not flags."""
+    from flextok.errors import SettingError  # imported here: it loads torch, which --help does not need
+
+    text = str(e)
+    for name in e.settings if isinstance(e, SettingError) else ():
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        text = re.sub(rf"(?<![\w./:'-]){re.escape(name)}(?![\w./:'-])", flag, text)
+    return text
+
+
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of option defaults (command-line flags override)")
 
@@ -99,7 +114,7 @@ def run_main(main_fn, argv: list[str] | None = None) -> int:
     except Exception as e:
         from flextok.errors import UserInputError  # imported here: it loads torch, which --help does not need
 
-        line = str(e) if isinstance(e, UserInputError) else worker_error_line(e)
+        line = user_message(e) if isinstance(e, UserInputError) else worker_error_line(e)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -22,7 +22,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.common import fail, parse_args, run_main
+from jobs.common import fail, parse_args, run_main, user_message
 from jobs.eval_common import (
     add_resource_args,
     add_sweep_args,
@@ -122,12 +122,9 @@ def adaptive_plan(args: argparse.Namespace, ks: tuple[int, ...], num_registers: 
         fail("--adaptive needs the original images to score reconstructions; --input is a token corpus")
     try:
         criteria = parse_targets(args.adaptive)
-    except ValueError as e:
-        fail(str(e))
-    try:
         ladder = check_ladder(parse_ladder(args.ladder, num_registers), ks) if args.ladder else ks
     except ValueError as e:
-        fail(f"--ladder {args.ladder}: {e}" if str(e).startswith("k=") else str(e))
+        fail(user_message(e))
     return AdaptivePlan(criteria, ladder)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import fail, parse_args, run_main
+from jobs.common import fail, parse_args, run_main, user_message
 from jobs.resources import (
     Cluster,
     Plan,
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--{name} is required")
     if problem := check_args(args):
         fail(problem)
-    from pipeline.data.pretokenize import JobInputError, PretokenizeConfig, run_pretokenize, tokenizer_meta
+    from flextok.errors import SettingError
+    from pipeline.data.pretokenize import PretokenizeConfig, run_pretokenize, tokenizer_meta
     from pipeline.data.sources import InputError
 
     cfg = PretokenizeConfig(
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         meta = tokenizer_meta(cfg)  # the model's files checked before Ray starts
-    except JobInputError as e:
-        fail(str(e))
+    except SettingError as e:
+        fail(user_message(e))
     except (OSError, ValueError) as e:
         fail(f"--model {args.model}: {e}")
     init_ray()
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.torch_threads = threads(tokenize, args.torch_threads)
     try:
         summary = run_pretokenize(cfg, meta=meta)
-    except (JobInputError, InputError) as e:
-        fail(str(e))
+    except (SettingError, InputError) as e:
+        fail(user_message(e))
     except FileNotFoundError as e:
         fail(f"not found: {e}")
     totals = summary.manifest.get("totals", {})

@@ -99,3 +99,34 @@ def test_inception_convert_with_a_file_that_is_no_wheel(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["pretokenize", "--help"], ["validate", "--help"]])
 def test_help_still_exits_zero(argv, capsys):
     assert flextok(argv) == 0
+
+
+# ------------------------------------------------------------------ settings: fields in the library, flags in jobs
+def test_the_library_names_config_fields_and_the_job_shows_flags():
+    from flextok.errors import SettingError
+    from jobs.common import user_message
+    from pipeline.data.adaptive import parse_adaptive
+
+    with pytest.raises(SettingError) as e:
+        parse_adaptive("psnr:abc")
+    assert str(e.value).startswith("adaptive 'psnr:abc': ") and "--" not in str(e.value)
+    assert user_message(e.value).startswith("--adaptive 'psnr:abc': ")
+
+
+def test_a_setting_name_inside_a_path_or_a_value_is_left_alone():
+    from flextok.errors import SettingError
+    from jobs.common import user_message
+
+    e = SettingError("inputs /data/inputs/x.tar and output s3://b/output: num_tokens 'num_tokens'", "inputs", "output")
+    assert user_message(e) == "--input /data/inputs/x.tar and --output s3://b/output: num_tokens 'num_tokens'"
+
+
+def test_pretokenize_names_the_flags_of_a_bad_setting(tmp_path, capsys):
+    model = tmp_path / "m"
+    from flextok import FlexTok
+    from flextok.config import tiny
+
+    FlexTok(tiny(image_size=32, num_registers=8)).save_pretrained(model)
+    argv = ["pretokenize", "--model", str(model), "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    rc = flextok([*argv, "--adaptive", "psnr:20", "--num-tokens", "4"])
+    one_error_line(capsys, rc, "--num-tokens and --adaptive exclude each other")

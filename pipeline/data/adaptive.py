@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flextok.errors import SettingError
+
 from ..image_metrics import pixel_metrics
 from ..inception import model_output_to_uint8
 from .preprocess import to_model_input
@@ -46,21 +48,23 @@ class Criterion:
 
 
 def parse_adaptive(text: str) -> Criterion:
-    """'psnr:24' | 'inception:0.1' -> Criterion; a ValueError with a one-line reason otherwise."""
+    """'psnr:24' | 'inception:0.1' -> Criterion; a SettingError (a ValueError) with a one-line reason otherwise."""
     name, sep, value = str(text).partition(":")
     name = name.strip().lower()
     if not sep or name not in CRITERIA:
-        raise ValueError(f"--adaptive {text!r}: expected CRITERION:TARGET with CRITERION one of {sorted(CRITERIA)}")
+        raise SettingError(
+            f"adaptive {text!r}: expected CRITERION:TARGET with CRITERION one of {sorted(CRITERIA)}", "adaptive"
+        )
     try:
         target = float(value)
     except ValueError:
-        raise ValueError(f"--adaptive {text!r}: target {value!r} is not a number") from None
+        raise SettingError(f"adaptive {text!r}: target {value!r} is not a number", "adaptive") from None
     if not math.isfinite(target):
-        raise ValueError(f"--adaptive {text!r}: target must be finite")
+        raise SettingError(f"adaptive {text!r}: target must be finite", "adaptive")
     if name == "psnr" and not 0 < target <= 100:
-        raise ValueError(f"--adaptive {text!r}: a PSNR target lies in (0, 100] dB")
+        raise SettingError(f"adaptive {text!r}: a PSNR target lies in (0, 100] dB", "adaptive")
     if name == "inception" and not 0 <= target <= 2:
-        raise ValueError(f"--adaptive {text!r}: a cosine distance target lies in [0, 2]")
+        raise SettingError(f"adaptive {text!r}: a cosine distance target lies in [0, 2]", "adaptive")
     return Criterion(name, target)
 
 
@@ -77,11 +81,11 @@ def parse_ladder(text: str | None, num_registers: int) -> list[int]:
     try:
         ladder = [int(part) for part in str(text).split(",")]
     except ValueError:
-        raise ValueError(f"--ladder {text!r}: expected comma-separated integers like 1,2,4,8") from None
+        raise SettingError(f"ladder {text!r}: expected comma-separated integers like 1,2,4,8", "ladder") from None
     if any(b <= a for a, b in zip(ladder, ladder[1:], strict=False)):
-        raise ValueError(f"--ladder {text!r}: values must be strictly increasing")
+        raise SettingError(f"ladder {text!r}: values must be strictly increasing", "ladder")
     if ladder[0] < 1 or ladder[-1] > num_registers:
-        raise ValueError(f"--ladder {text!r}: values must lie in 1..{num_registers} (the model's registers)")
+        raise SettingError(f"ladder {text!r}: values must lie in 1..{num_registers} (the model's registers)", "ladder")
     return ladder
 
 

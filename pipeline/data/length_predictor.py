@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flextok.errors import SettingError
 from flextok.fsq import FSQ
 
 from .adaptive import parse_adaptive
@@ -68,12 +69,12 @@ def parse_rule(text: str) -> Rule:
         try:
             lam = float(value)
         except ValueError:
-            raise ValueError(f"--adaptive {text!r}: LAMBDA {value!r} is not a number") from None
+            raise SettingError(f"adaptive {text!r}: LAMBDA {value!r} is not a number", "adaptive") from None
         if not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"--adaptive {text!r}: LAMBDA (dB per token) must be finite and >= 0")
+            raise SettingError(f"adaptive {text!r}: LAMBDA (dB per token) must be finite and >= 0", "adaptive")
         return Rule(name, lam)
     if name != "psnr":
-        raise ValueError(f"--adaptive {text!r}: a length predictor takes psnr:TARGET or psnr-slope:LAMBDA")
+        raise SettingError(f"adaptive {text!r}: a length predictor takes psnr:TARGET or psnr-slope:LAMBDA", "adaptive")
     return Rule("psnr", parse_adaptive(text).target)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flextok.errors import UserInputError
+from flextok.errors import SettingError
 
 from ..malloc import runtime_env
 from .corpus import (
@@ -103,8 +103,12 @@ class Summary:
     manifest: dict = field(default_factory=dict)
 
 
-class JobInputError(UserInputError):
-    """The configuration or the output folder does not allow the job to run (one-line reason)."""
+class JobInputError(SettingError):
+    """The configuration or the output folder does not allow the job to run (one-line reason naming the
+    PretokenizeConfig fields at fault)."""
+
+
+EXCLUSIVE = "num_tokens and adaptive exclude each other (the ladder's largest k is the cap)"
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -189,13 +193,15 @@ def tokenizer_meta(cfg: PretokenizeConfig) -> CorpusMeta:
     info = read_checkpoint_info(cfg.model)
     size, n = info.cfg.image_size, info.cfg.num_registers
     if cfg.resolution is not None and cfg.resolution != size:
-        raise JobInputError(f"--resolution {cfg.resolution}: the model {cfg.model} takes {size}x{size} images")
+        raise JobInputError(
+            f"resolution {cfg.resolution}: the model {cfg.model} takes {size}x{size} images", "resolution"
+        )
     if cfg.num_tokens is not None and not 1 <= cfg.num_tokens <= n:
-        raise JobInputError(f"--num-tokens {cfg.num_tokens}: the model makes {n} tokens, so 1 <= K <= {n}")
+        raise JobInputError(f"num_tokens {cfg.num_tokens}: the model makes {n} tokens, so 1 <= K <= {n}", "num_tokens")
     if info.codebook_size > 65536:
         raise JobInputError(f"codebook size {info.codebook_size} does not fit the corpus's uint16 tokens")
     if cfg.augment not in AUGMENT_MODES:
-        raise JobInputError(f"--augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}")
+        raise JobInputError(f"augment {cfg.augment}: choose one of {sorted(AUGMENT_MODES)}", "augment")
     is_folder = is_url(cfg.model) or Path(cfg.model).is_dir()
     name = posixpath.basename(str(cfg.model).rstrip("/")) if is_folder else cfg.model
     digest = info.digest()
@@ -217,22 +223,23 @@ def adaptive_meta(cfg: PretokenizeConfig, num_registers: int) -> dict[str, str]:
     """The CorpusMeta fields of --adaptive (empty without it); bad values raise JobInputError (one line)."""
     if not cfg.adaptive:
         if cfg.ladder:
-            raise JobInputError("--ladder needs --adaptive")
+            raise JobInputError("ladder needs adaptive", "ladder", "adaptive")
         return {}
     from .adaptive import parse_adaptive, parse_ladder
     from .adaptive_stage import AdaptiveSettings
 
     if cfg.num_tokens is not None:
-        raise JobInputError("--num-tokens and --adaptive exclude each other (the ladder's largest k is the cap)")
+        raise JobInputError(EXCLUSIVE, "num_tokens", "adaptive")
     if cfg.adaptive_timesteps < 1:
-        raise JobInputError(f"--adaptive-timesteps {cfg.adaptive_timesteps}: need at least 1 decoder step")
+        raise JobInputError(
+            f"adaptive_timesteps {cfg.adaptive_timesteps}: need at least 1 decoder step", "adaptive_timesteps"
+        )
     if str(cfg.adaptive).lower().startswith("psnr-slope"):
-        raise JobInputError(f"--adaptive {cfg.adaptive}: psnr-slope:LAMBDA needs --length-predictor")
-    try:
-        criterion = parse_adaptive(cfg.adaptive)
-        ladder = parse_ladder(cfg.ladder, num_registers)
-    except ValueError as e:
-        raise JobInputError(str(e)) from None
+        raise JobInputError(
+            f"adaptive {cfg.adaptive}: psnr-slope:LAMBDA needs length_predictor", "adaptive", "length_predictor"
+        )
+    criterion = parse_adaptive(cfg.adaptive)  # SettingError: one line naming the field
+    ladder = parse_ladder(cfg.ladder, num_registers)
     settings = AdaptiveSettings(
         criterion.name, criterion.target, tuple(ladder), cfg.adaptive_timesteps, cfg.adaptive_guidance_scale
     )
@@ -250,28 +257,31 @@ def predictor_meta(cfg: PretokenizeConfig, model_cfg, tokenizer_sha256: str) -> 
     --ladder other than its own, is a JobInputError (one line)."""
     from .length_predictor import parse_rule, predictor_digest, read_config
 
-    where = f"--length-predictor {cfg.length_predictor}"
+    where = f"length_predictor {cfg.length_predictor}"
     if not cfg.adaptive:
-        raise JobInputError("--length-predictor needs --adaptive psnr:TARGET or psnr-slope:LAMBDA")
+        raise JobInputError(
+            "length_predictor needs adaptive psnr:TARGET or psnr-slope:LAMBDA", "length_predictor", "adaptive"
+        )
     if cfg.num_tokens is not None:
-        raise JobInputError("--num-tokens and --adaptive exclude each other (the ladder's largest k is the cap)")
+        raise JobInputError(EXCLUSIVE, "num_tokens", "adaptive")
     if "://" in str(cfg.length_predictor):
-        raise JobInputError(f"{where}: a local folder is needed")
-    try:
-        rule = parse_rule(cfg.adaptive)
-    except ValueError as e:
-        raise JobInputError(str(e)) from None
+        raise JobInputError(f"{where}: a local folder is needed", "length_predictor")
+    rule = parse_rule(cfg.adaptive)
     try:
         pcfg = read_config(cfg.length_predictor)
     except (ValueError, OSError, KeyError, TypeError) as e:
-        raise JobInputError(f"--length-predictor: {e}") from None
+        raise JobInputError(f"length_predictor {cfg.length_predictor}: {e}", "length_predictor") from None
     ladder = list(pcfg.ladder)
     if cfg.ladder and cfg.ladder.replace(" ", "") != ",".join(map(str, ladder)):
-        raise JobInputError(f"--ladder {cfg.ladder}: the length predictor predicts the ladder {ladder} only")
+        raise JobInputError(f"ladder {cfg.ladder}: the length predictor predicts the k's {ladder} only", "ladder")
     if pcfg.num_registers != model_cfg.num_registers or tuple(pcfg.fsq_levels) != tuple(model_cfg.fsq_levels):
-        raise JobInputError(f"{where}: made for a tokenizer with other registers or FSQ levels than {cfg.model}")
+        raise JobInputError(
+            f"{where}: made for a tokenizer with other registers or FSQ levels than {cfg.model}", "length_predictor"
+        )
     if pcfg.tokenizer_sha256 and pcfg.tokenizer_sha256 != tokenizer_sha256:
-        raise JobInputError(f"{where}: trained on another tokenizer's tokens (digest differs from {cfg.model})")
+        raise JobInputError(
+            f"{where}: trained on another tokenizer's tokens (digest differs from {cfg.model})", "length_predictor"
+        )
     return {
         "adaptive_criterion": rule.name,
         "adaptive_target": f"{rule.value:g}",
@@ -287,11 +297,12 @@ def check_output(markers: dict[str, dict], units: dict[str, InputShard], meta: C
         if marker["metadata"] != want:
             diff = sorted(k for k in want if marker["metadata"].get(k) != want[k])
             raise JobInputError(
-                f"{output} holds shards written with other settings ({', '.join(diff)}); use a new --output"
+                f"{output} holds shards written with other settings ({', '.join(diff)}); use a new output", "output"
             )
         if unit in units and marker["digest"] != units[unit].digest:
             raise JobInputError(
-                f"{units[unit].url}: files or labels changed since shard {unit} was committed; use a new --output"
+                f"{units[unit].url}: files or labels changed since shard {unit} was committed; use a new output",
+                "output",
             )
 
 
@@ -401,9 +412,11 @@ def run_pretokenize(
 
     t0 = time.perf_counter()
     if not cfg.inputs:
-        raise JobInputError("no --input given")
+        raise JobInputError("no inputs given", "inputs")
     if cfg.rows_per_file < 1 or cfg.batch_size < 1 or cfg.folder_chunk < 1:
-        raise JobInputError("--rows-per-file, --batch-size and --folder-chunk must be positive")
+        raise JobInputError(
+            "rows_per_file, batch_size and folder_chunk must be positive", "rows_per_file", "batch_size", "folder_chunk"
+        )
     meta = meta or tokenizer_meta(cfg)
     shards = expand_inputs(cfg.inputs, cfg.labels, cfg.folder_chunk)
     units = {unit_name(s): s for s in shards}

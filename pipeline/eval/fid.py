@@ -255,14 +255,15 @@ class Reference:
             raise ValueError(
                 f"reference statistics {self.source} were computed with extractor '{self.extractor}', but the "
                 f"samples use '{extractor}': FID between different feature spaces is meaningless; recompute the "
-                "reference with the same --inception-weights"
+                "reference with the same Inception weights"
             )
 
     def need_features(self, metric: str) -> np.ndarray:
         if self.features is None:
             raise ValueError(
                 f"{metric} needs the reference's feature vectors, and {self.source} holds only mu/sigma; "
-                "save the reference with features (eval_fid --save-stats with --kid/--prc) or give the real images"
+                "save a reference that keeps its features (the FID job's statistics with KID or precision/recall on) or give "
+                "the real images"
             )
         return self.features
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flextok.errors import SettingError
+
 from ..data.adaptive import Criterion, SearchResult, bisect_ladder, max_decodes, parse_adaptive
 from .sweep import REAL
 
@@ -32,10 +34,12 @@ def parse_targets(text: str) -> tuple[Criterion, ...]:
     """'psnr:14,psnr:16' -> Criteria, in the given order; a ValueError with a one-line reason otherwise."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
-        raise ValueError(f"--adaptive {text!r}: expected CRITERION:TARGET[,CRITERION:TARGET...], e.g. psnr:15")
+        raise SettingError(
+            f"adaptive {text!r}: expected CRITERION:TARGET[,CRITERION:TARGET...], e.g. psnr:15", "adaptive"
+        )
     criteria = tuple(parse_adaptive(p) for p in parts)
     if len(set(criteria)) != len(criteria):
-        raise ValueError(f"--adaptive {text!r}: a target is repeated")
+        raise SettingError(f"adaptive {text!r}: a target is repeated", "adaptive")
     return criteria
 
 
@@ -43,7 +47,10 @@ def check_ladder(ladder: list[int], ks: tuple[int, ...]) -> tuple[int, ...]:
     """The ladder, once every rung is one of the sweep's k's (only those are decoded); else a ValueError."""
     missing = [k for k in ladder if k not in ks]
     if missing:
-        raise ValueError(f"k={missing} not among the sweep's k's {list(ks)}: every rung must be decoded")
+        raise SettingError(
+            f"ladder {list(ladder)}: k={missing} not among the sweep's k's {list(ks)}: every rung must be decoded",
+            "ladder",
+        )
     return tuple(ladder)
 
 
