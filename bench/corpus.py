@@ -83,7 +83,7 @@ def read_epoch(batches, sampler) -> tuple[float, float, float, np.ndarray, np.nd
         units.append(tokens[:, 0].numpy().copy())
         rows.append(tokens[:, 1].numpy().copy())
     end = time.perf_counter()
-    rss, _ = sampler.peak()
+    rss, _, _ = sampler.peak()
     u, r = np.concatenate(units), np.concatenate(rows)
     return first - start, (len(u) - len(units[0])) / (end - first), (rss - base) / 2**20, u, r
 
@@ -132,6 +132,7 @@ def corpus_bench(rows: int, work: Path, k: int = 32) -> None:
             f"{expected:.0f}) | {len(units):,} ({unique:,} distinct) |",
             flush=True,
         )
+    sampler.stop()
 
 
 def main() -> None:

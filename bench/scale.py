@@ -19,98 +19,47 @@ bench measures the pipeline and not the models:
 Input records are made on the fly: `synth://bench/<shard>-<count>.tar` is an fsspec file system (registered in
 every Ray worker) whose files are webdataset tars of `count` small JPEGs with .cls labels, built when opened.
 
-Per N it prints wall time, rows/s, the driver's peak RSS (sampled every 0.1 s, minus its RSS before the first
-size: what the driver holds for the work), the object store's peak use (sampled cluster-wide), and the files
-written. "Driver memory grows with N" means: at the largest N the driver's peak exceeds the smallest N's by
-more than 25% + 64 MiB; --quick exits 1 when that happens for either job.
+Per N it prints wall time, rows/s, the driver's peak private memory (RssAnon, sampled every 0.1 s, minus its
+value before the first size: what the driver holds for the work; the object store's shared pages it maps are
+not counted here), the object store's peak use (sampled cluster-wide), and the files written. The sweep's
+driver holds a bounded part by design (per k: float64 feature statistics and the feature subset; printed).
+"Driver memory grows with N" means: at the largest N the driver's peak beyond its bounded part exceeds the
+smallest N's by more than 25% + 64 MiB; --quick exits 1 when that happens for either job.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import resource
 import sys
-import tarfile
 import tempfile
 import threading
 import time
+import tracemalloc
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import torch
-from fsspec.spec import AbstractFileSystem
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.synthetic import RESOLUTION, register_synthetic, synthetic_urls  # noqa: E402
 from pipeline.data.pretokenize import PretokenizeConfig, TokenizeActor, run_pretokenize  # noqa: E402
-from pipeline.eval.features import InceptionStage, ordered_execution  # noqa: E402
+from pipeline.eval.features import InceptionStage  # noqa: E402
 from pipeline.eval.sweep import ReconstructStage  # noqa: E402
 
-RESOLUTION = 32  # the stand-in tokenizer's image size (the `tiny` preset's)
 NUM_TOKENS = 32
-SHARD_RECORDS = 1000
 KS = (1, 2, 4, 8, 12, 16, 20, 24, 32)  # nine token counts
 GROWTH_TOLERANCE = (1.25, 64 * 2**20)  # factor, bytes
+# feature_subset: images per k kept for precision/recall (the job's default, ADM's 10k; --quick keeps 250 so that
+# both of its sizes lie above it, as 50k does above 10k)
 FULL = {"pretokenize": [10_000, 100_000, 1_280_000], "sweep": [5_000, 50_000], "corpus_rows": 1_280_000}
-QUICK = {"pretokenize": [2_000, 10_000], "sweep": [500, 2_000], "corpus_rows": 0}
-
-
-# ------------------------------------------------------------------------------------------ synthetic input
-@lru_cache(maxsize=64)
-def template_jpeg(i: int) -> bytes:
-    """A small JPEG of smooth random colour (64 templates; records cycle through them)."""
-    rng = np.random.default_rng(i)
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    image = Image.fromarray(small).resize((RESOLUTION + 8, RESOLUTION + 8), Image.BILINEAR)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def synthetic_tar(shard: int, count: int) -> bytes:
-    """A webdataset tar of `count` samples: <key>.jpg and <key>.cls."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(count):
-            key = f"{shard:07d}-{i:05d}"
-            for ext, data in (("jpg", template_jpeg((shard * count + i) % 64)), ("cls", str(i % 1000).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-class SyntheticShards(AbstractFileSystem):
-    """fsspec file system `synth://bench/<shard>-<count>.tar`: the file's bytes are made when it is opened."""
-
-    protocol = "synth"
-
-    def info(self, path, **kwargs):
-        path = self._strip_protocol(path)
-        return {"name": path, "size": 0, "type": "file" if path.endswith(".tar") else "directory"}
-
-    def _open(self, path, mode="rb", **kwargs):
-        shard, count = Path(self._strip_protocol(path)).stem.split("-")
-        return io.BytesIO(synthetic_tar(int(shard), int(count)))
-
-
-def register_synthetic() -> None:
-    """Make synth:// known in this process (a Ray worker_process_setup_hook)."""
-    fsspec.register_implementation("synth", SyntheticShards, clobber=True)
-
-
-def synthetic_urls(n: int) -> list[str]:
-    return [
-        f"synth://bench/{s:07d}-{min(SHARD_RECORDS, n - s * SHARD_RECORDS)}.tar" for s in range(-(-n // SHARD_RECORDS))
-    ]
+FULL |= {"feature_subset": 10_000}
+QUICK = {"pretokenize": [2_000, 10_000], "sweep": [1_000, 4_000], "corpus_rows": 0, "feature_subset": 250}
 
 
 # ------------------------------------------------------------------------------------------ stand-in networks
@@ -189,9 +138,13 @@ class StandInInceptionStage(InceptionStage):
 
 # ------------------------------------------------------------------------------------------ measuring
 def current_rss() -> int:
-    """This process's resident set size, bytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's private resident memory (RssAnon), bytes (Linux). The object store's shared pages that
+    the driver maps while reading blocks (RssShmem) are not the driver's: they are the object store's figure."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def init_ray(runtime_env: dict, num_cpus: int = 2) -> None:
@@ -235,11 +188,13 @@ class Sampler:
         self.ray, self.period = ray, period
         self.rss = self.store = 0
         self.total_store = ray.cluster_resources().get("object_store_memory", 0)
-        threading.Thread(target=self._run, daemon=True).start()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         last_store = 0.0
-        while True:
+        while not self.stopped.is_set():
             self.rss = max(self.rss, current_rss())
             if time.monotonic() - last_store > 0.5:
                 free = self.ray.available_resources().get("object_store_memory", self.total_store)
@@ -250,10 +205,18 @@ class Sampler:
     def reset(self) -> None:
         self.rss = current_rss()
         self.store = 0
+        if tracemalloc.is_tracing():
+            tracemalloc.reset_peak()
 
-    def peak(self) -> tuple[int, int]:
+    def stop(self) -> None:
+        """Before ray.shutdown(): the thread asks Ray for the object store's use."""
+        self.stopped.set()
+        self.thread.join()
+
+    def peak(self) -> tuple[int, int, int]:
+        """RSS peak, object-store peak, and the peak of what Python and numpy allocated (tracemalloc)."""
         time.sleep(2 * self.period)
-        return self.rss, self.store
+        return self.rss, self.store, tracemalloc.get_traced_memory()[1]
 
 
 @dataclass
@@ -262,10 +225,12 @@ class Row:
     n: int
     seconds: float
     rows_per_s: float
-    driver_peak_mib: float  # above the driver's RSS before the first size
+    driver_peak_mib: float  # RssAnon above its value before the first size
     store_peak_mib: float
     files: int
     note: str = ""
+    bounded_mib: float = 0.0  # what the driver may hold by design at this N (the sweep's feature subsets)
+    traced_peak_mib: float = 0.0  # the peak of Python and numpy allocations during the run (tracemalloc)
 
 
 def count_files(folder: Path) -> int:
@@ -277,69 +242,105 @@ def pretokenize_at(n: int, work: Path, model: str, sampler: Sampler, base_rss: i
     cfg = PretokenizeConfig(model=model, inputs=synthetic_urls(n), output=str(out), batch_size=256, block_rows=256)
     sampler.reset()
     summary = run_pretokenize(cfg, log=lambda line: None, actor_cls=StandInTokenizeActor)
-    rss, store = sampler.peak()
+    rss, store, traced = sampler.peak()
     if summary.rows != n:
         raise RuntimeError(f"pretokenize wrote {summary.rows} rows, expected {n}")
     mib = 2**20
-    row = Row(
-        "pretokenize", n, summary.seconds, n / summary.seconds, (rss - base_rss) / mib, store / mib, count_files(out)
+    rate = n / summary.seconds
+    return Row(
+        "pretokenize",
+        n,
+        summary.seconds,
+        rate,
+        (rss - base_rss) / mib,
+        store / mib,
+        count_files(out),
+        "",
+        0,
+        traced / mib,
     )
+
+
+def standin_inception_features(ds, weights: str, res):
+    """pipeline.eval.features.with_inception_features with StandInInceptionStage (same resources)."""
+    return ds.map_batches(StandInInceptionStage, fn_constructor_kwargs={"threads": res.threads}, **res.map_kwargs())
+
+
+def sweep_at(n: int, work: Path, sampler: Sampler, base_rss: int, feature_subset: int) -> Row:
+    """pipeline.eval.sweep_run.run_sweep, as `flextok eval sweep` calls it (in-pass reference, precision/recall
+    on the bounded subset; KID off, as by default), with the model and Inception stages swapped for stand-ins.
+    The driver's bounded part, per group (the originals and 9 k's): the feature statistics (float64, 2048 x
+    2048) and the subset, at most min(n, Subset.capacity) rows between compactions."""
+    from pipeline.data.sources import image_dataset
+    from pipeline.eval import sweep_run
+    from pipeline.eval.features import Resources
+    from pipeline.eval.report import MetricOptions, Report
+    from pipeline.eval.sweep import DecodeSettings
+    from pipeline.eval.sweep_results import Subset
+
+    sweep_run.with_inception_features = standin_inception_features  # the only stage run_sweep builds itself
+    out = work / f"sweep-{n}"
+    settings = DecodeSettings(timesteps=1, decode_batch=64)
+    spec = sweep_run.SweepSpec(
+        name="scale",
+        output=str(out),
+        ks=KS,
+        fingerprint=sweep_run.run_fingerprint(n=n, ks=KS),
+        stage=StandInReconstructStage,
+        stage_kwargs=dict(ks=KS, settings=asdict(settings), grid_keys=[], real_features=True),
+        model_resources=Resources(workers=1, cpus=0.5, batch_size=16),
+        inception_weights="stand-in",
+        inception_resources=Resources(workers=1, cpus=0.5, batch_size=256),
+        chunk_images=256,
+        metrics=MetricOptions(prc=True, kid=False, feature_subset=feature_subset),
+        reference=sweep_run.InPassReference("stand-in", "none", "synth"),
+        report=Report({}, {}, [], "recon_grid.png", True, "rFID", "scale bench, {n} images"),
+    )
+    sampler.reset()
+    start = time.perf_counter()
+    outcome = sweep_run.run_sweep(spec, lambda done: image_dataset(synthetic_urls(n), RESOLUTION).limit(n), log=_quiet)
+    seconds = time.perf_counter() - start
+    rss, store, traced = sampler.peak()
+    if outcome.results["work"]["images"] != n:
+        raise RuntimeError(f"the sweep saw {outcome.results['work']['images']} images, expected {n}")
+    mib = 2**20
+    groups = len(KS) + 1
+    held = min(n, Subset(feature_subset).capacity)
+    subsets = groups * held * (4 * 2048 + 8)  # float32 features + uint64 priority
+    stats = groups * (2048 * 2048 + 2048) * 8  # float64 sums and outer-product sums (pipeline.eval.fid)
+    bounded = (subsets + stats) / mib
+    note = f"feature subset {feature_subset:,} per k; bounded part <= {bounded:.0f} MiB"
+    peak = (rss - base_rss) / mib
+    row = Row("sweep (9 k)", n, seconds, n / seconds, peak, store / mib, count_files(out), note, bounded, traced / mib)
     return row
 
 
-def sweep_at(n: int, work: Path, sampler: Sampler, base_rss: int) -> Row:
-    """jobs/eval_sweep.py's composition, stand-in stages, reference computed in the same pass."""
-    import ray
-
-    from pipeline.data.sources import image_dataset
-    from pipeline.eval import report
-    from pipeline.eval import sweep as S
-    from pipeline.eval.fid import Reference
-
-    out = work / f"sweep-{n}"
-    settings = S.DecodeSettings(timesteps=1, decode_batch=64)
-    groups = (S.REAL, *KS)
-    partial = S.PartialResults(out / "partial", S.run_fingerprint(n=n, ks=KS), groups)
-    sampler.reset()
-    start = time.perf_counter()
-    partial.open()
-    map_kwargs = dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_format="numpy")
-    with ordered_execution():
-        ds = image_dataset(synthetic_urls(n), RESOLUTION).limit(n)
-        stage = dict(ks=KS, settings=asdict(settings), grid_keys=[], real_features=True)
-        ds = ds.map_batches(StandInReconstructStage, fn_constructor_kwargs=stage, batch_size=16, **map_kwargs)
-        ds = ds.map_batches(StandInInceptionStage, batch_size=256, **map_kwargs)
-        collector = S.Collector(partial, groups, 256)
-        collector.consume(ds)
-    collected = time.perf_counter()
-    gathered = S.gather(partial)
-    reference = Reference.from_stats(gathered.stats[S.REAL], "stand-in", "none", "synth", gathered.features[S.REAL])
-    results = report.summarize(gathered, KS, reference, S.MetricOptions(prc=False))
-    seconds = time.perf_counter() - start
-    rss, store = sampler.peak()
-    if results["work"]["images"] != n:
-        raise RuntimeError(f"the sweep saw {results['work']['images']} images, expected {n}")
-    note = f"collect {collected - start:.0f} s, gather+metrics {seconds - (collected - start):.0f} s"
-    mib = 2**20
-    return Row("sweep (9 k)", n, seconds, n / seconds, (rss - base_rss) / mib, store / mib, count_files(out), note)
+def _quiet(line: str) -> None:
+    pass
 
 
 def grows(rows: list[Row]) -> bool:
-    """The driver's peak at the largest N exceeds the smallest N's by more than the tolerance."""
+    """The driver's traced peak beyond its bounded part, at the largest N, exceeds the smallest N's by more
+    than the tolerance. (Traced, not RSS: RSS also holds what glibc and Arrow's memory pool keep after a free,
+    which rises with the run's length and not with what the code holds; it is printed beside.)"""
     if len(rows) < 2:
         return False
-    small, large = rows[0].driver_peak_mib, rows[-1].driver_peak_mib
+    small = rows[0].traced_peak_mib - rows[0].bounded_mib
+    large = rows[-1].traced_peak_mib - rows[-1].bounded_mib
     factor, extra = GROWTH_TOLERANCE
     return large > small * factor + extra / 2**20
 
 
 def print_rows(rows: list[Row]) -> None:
-    print("| job | N | wall s | rows/s | driver peak MiB (above start) | object store peak MiB | files | note |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "| job | N | wall s | rows/s | driver traced peak MiB | driver RssAnon peak MiB (above start) | "
+        "object store peak MiB | files | note |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
-            f"| {r.job} | {r.n:,} | {r.seconds:.1f} | {r.rows_per_s:,.0f} | {r.driver_peak_mib:.0f} | "
-            f"{r.store_peak_mib:.0f} | {r.files:,} | {r.note} |",
+            f"| {r.job} | {r.n:,} | {r.seconds:.1f} | {r.rows_per_s:,.0f} | {r.traced_peak_mib:.0f} | "
+            f"{r.driver_peak_mib:.0f} | {r.store_peak_mib:.0f} | {r.files:,} | {r.note} |",
             flush=True,
         )
 
@@ -360,12 +361,14 @@ def main() -> int:
     p.add_argument("--pretokenize", help="comma-separated record counts")
     p.add_argument("--sweep", help="comma-separated image counts")
     p.add_argument("--corpus-rows", type=int, help="rows of the corpus-reader bench (0: skip)")
+    p.add_argument("--feature-subset", type=int, help="the sweep's feature subset per k (default 10000; --quick 250)")
     p.add_argument("--work", help="scratch folder (default: a temporary one, deleted)")
     args = p.parse_args()
     sizes = QUICK if args.quick else FULL
     pre = [int(x) for x in args.pretokenize.split(",") if x] if args.pretokenize is not None else sizes["pretokenize"]
     swp = [int(x) for x in args.sweep.split(",") if x] if args.sweep is not None else sizes["sweep"]
     corpus_rows = sizes["corpus_rows"] if args.corpus_rows is None else args.corpus_rows
+    feature_subset = args.feature_subset or sizes["feature_subset"]
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -373,7 +376,11 @@ def main() -> int:
     from pipeline.malloc import runtime_env
 
     register_synthetic()
-    env = runtime_env({"worker_process_setup_hook": register_synthetic})
+    # By name: a hook defined in __main__ is pickled by value, and fsspec file-system classes hold a lock.
+    pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = runtime_env(
+        {"worker_process_setup_hook": "bench.synthetic.register_synthetic", "env_vars": {"PYTHONPATH": pythonpath}}
+    )
     init_ray(env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().print_on_execution_start = False
@@ -383,7 +390,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         model = save_tiny_model(work / "tiny")
+        tracemalloc.start()
         sampler = Sampler()
+        # one small run of each job first, not reported: the driver's one-time costs (imports, Ray Data's
+        # first execution, malloc arenas) would otherwise land on the smallest N and hide growth or fake it
+        start = time.perf_counter()
+        pretokenize_at(1_000, work / "warm-up", model, sampler, 0)
+        sweep_at(500, work / "warm-up", sampler, 0, feature_subset)
+        print(f"warm-up (pretokenize 1,000, sweep 500): {time.perf_counter() - start:.0f} s", flush=True)
         base = current_rss()
         rows: list[Row] = []
         for n in pre:
@@ -393,7 +407,7 @@ def main() -> int:
             failed.append("pretokenize")
         sweep_rows: list[Row] = []
         for n in swp:
-            sweep_rows.append(sweep_at(n, work, sampler, base))
+            sweep_rows.append(sweep_at(n, work, sampler, base, feature_subset))
             print_rows(sweep_rows[-1:])
         if grows(sweep_rows):
             failed.append("sweep")
@@ -403,6 +417,7 @@ def main() -> int:
             from bench.corpus import corpus_bench
 
             corpus_bench(corpus_rows, work)
+        sampler.stop()
     ray.shutdown()
     load1 = os.getloadavg()
     print(f"load average at end: {load1[0]:.1f} {load1[1]:.1f} {load1[2]:.1f}")

@@ -4,6 +4,8 @@ time, for the `tiny` and `d12_d12` presets at 256x256 (random weights: speed doe
     .venv/bin/python bench/tokenizer.py                       # CPU, float32
     .venv/bin/python bench/tokenizer.py --device cuda --bf16  # GPU, bf16 autocast
     .venv/bin/python bench/tokenizer.py --malloc-compare 3    # glibc malloc: default vs pipeline.malloc
+    .venv/bin/python bench/tokenizer.py --presets d12_d12 --batch-size 4 --malloc-compare 2 \
+        --official-src /path/to/ml-flextok:/path/to/its-deps  # and the release's code, same weights
 
 --malloc-compare N: the same saved weights and inputs, tokenized and detokenized (batch --batch-size) in
 fresh child processes, N with glibc's default malloc and N with pipeline.malloc's MALLOC_* variables (set at
@@ -122,37 +124,70 @@ def timed_child(model_dir: str, args: argparse.Namespace) -> dict:
     return out
 
 
+MODES = ("ours, default", "ours, tuned", "official, default", "official, tuned")
+
+
 def malloc_compare(args: argparse.Namespace) -> None:
-    """Alternate child processes with and without pipeline.malloc's variables on the same weights."""
+    """Alternate child processes with and without pipeline.malloc's variables on the same weights; with
+    --official-src also the release's code (bench/official_child.py) on the same weights, exported to its layout."""
     name = args.presets.split(",")[-1]
     base_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    results: dict[str, list[dict]] = {"default": [], "tuned": []}
+    modes = MODES if args.official_src else MODES[:2]
+    results: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        build(name, "cpu").save_pretrained(tmp)
-        child = [sys.executable, __file__, "--child", tmp, "--batch-size", str(args.batch_size)]
-        child += ["--timesteps", str(args.timesteps), "--guidance", str(args.guidance), "--k", str(args.k)]
-        child += ["--repeats", str(args.repeats)]
+        model = build(name, "cpu")
+        model.save_pretrained(Path(tmp) / "ours")
+        if args.official_src:
+            from tests.official_export import save_official
+
+            save_official(model, Path(tmp) / "official")
+        settings = [str(args.batch_size), str(args.timesteps), str(args.guidance), str(args.k), str(args.repeats)]
+        ours = [sys.executable, __file__, "--child", str(Path(tmp) / "ours"), "--batch-size", settings[0]]
+        ours += ["--timesteps", settings[1], "--guidance", settings[2], "--k", settings[3], "--repeats", settings[4]]
+        official = [sys.executable, str(Path(__file__).with_name("official_child.py")), str(Path(tmp) / "official")]
+        official += settings
         for i in range(args.malloc_compare):
-            for mode in ("default", "tuned") if i % 2 == 0 else ("tuned", "default"):
-                env = base_env | (ENV_VARS if mode == "tuned" else {})
-                line = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout
+            for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:  # rotate the order each round
+                env = base_env | (ENV_VARS if mode.endswith("tuned") else {})
+                if mode.startswith("official"):
+                    env["PYTHONPATH"] = args.official_src
+                cmd = official if mode.startswith("official") else ours
+                line = subprocess.run(cmd, env=env, cwd=tmp, check=True, capture_output=True, text=True).stdout
                 results[mode].append(json.loads(line.strip().splitlines()[-1]))
                 r = results[mode][-1]
-                print(f"  {mode:8s} tokenize {r['tokenize']:.3f} s  detokenize {r['detokenize']:.3f} s", flush=True)
-    d, t = results["default"], results["tuned"]
-    same = {r["tokens_sha"] for r in d + t}
-    print(f"\n{name}, batch {args.batch_size}, {args.timesteps} steps, APG, k={args.k}, {len(d)} children each")
+                print(f"  {mode:18s} tokenize {r['tokenize']:.3f} s  detokenize {r['detokenize']:.3f} s", flush=True)
+    report(name, args, results)
+
+
+def report(name: str, args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
+    modes = list(results)
+    same = {r["tokens_sha"] for rs in results.values() for r in rs}
+    n = len(results[modes[0]])
+    print(f"\n{name}, batch {args.batch_size}, {args.timesteps} steps, APG, k={args.k}, {n} children each")
     print(f"load average before/after: {args.load0} / {os.getloadavg()}; same tokens in all children: {len(same) == 1}")
-    print("| | default malloc | pipeline.malloc | speed-up (median) |")
-    print("|---|---:|---:|---:|")
+    print("| | " + " | ".join(modes) + " |")
+    print("|---|" + "---:|" * len(modes))
+    med = {(m, key): median(r[key] for r in results[m]) for m in modes for key in results[m][0] if key != "code"}
+
+    def row(label: str, key: str, fmt: str) -> None:
+        print(f"| {label} | " + " | ".join(format(med[m, key], fmt) for m in modes) + " |")
+
     for op in ("tokenize", "detokenize"):
-        a, b = median(r[op] for r in d), median(r[op] for r in t)
-        print(f"| {op} s (best of {args.repeats}, median of children) | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
-        fa, fb = median(r[op + "_faults"] for r in d), median(r[op + "_faults"] for r in t)
-        print(f"| {op} minor page faults per call | {fa:.0f} | {fb:.0f} | |")
-    ra, rb = median(r["peak_rss_mib"] for r in d), median(r["peak_rss_mib"] for r in t)
-    print(f"| peak RSS MiB | {ra:.0f} | {rb:.0f} | +{rb - ra:.0f} MiB |")
+        row(f"{op} s (best of {args.repeats}, median of children)", op, ".3f")
+        row(f"{op} minor page faults per call", op + "_faults", ".0f")
+    row("peak RSS MiB", "peak_rss_mib", ".0f")
+    print()
+
+    def speed(op: str, fast: str, slow: str) -> str:  # how many times faster `fast` is than `slow`
+        return f"{fast} / {slow} {med[slow, op] / med[fast, op]:.2f}x"
+
+    for op in ("tokenize", "detokenize"):
+        ratios = [speed(op, "ours, tuned", "ours, default")]
+        if "official, default" in modes:
+            ratios += [speed(op, "ours, tuned", "official, default"), speed(op, "ours, default", "official, default")]
+            ratios += [speed(op, "ours, tuned", "official, tuned")]
+        print(f"{op} speed: " + "; ".join(ratios))
 
 
 def main() -> None:
@@ -166,6 +201,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=256, help="tokens kept for detokenize")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--malloc-compare", type=int, default=0, help="N child processes per malloc setting")
+    parser.add_argument(
+        "--official-src", help="with --malloc-compare: PYTHONPATH holding the release's `flextok` (and its deps)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -262,8 +262,8 @@ class Reference:
         if self.features is None:
             raise ValueError(
                 f"{metric} needs the reference's feature vectors, and {self.source} holds only mu/sigma; "
-                "save a reference that keeps its features (the FID job's statistics with KID or precision/recall on) or give "
-                "the real images"
+                "save a reference that keeps its features (the FID job's statistics with KID or precision/recall "
+                "on) or give the real images"
             )
         return self.features
 
