@@ -139,7 +139,8 @@ def malloc_compare(args: argparse.Namespace) -> None:
         model = build(name, "cpu")
         model.save_pretrained(Path(tmp) / "ours")
         if args.official_src:
-            from tests.official_export import save_official
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from official_export import save_official  # the exporter lives with the tests only
 
             save_official(model, Path(tmp) / "official")
         settings = [str(args.batch_size), str(args.timesteps), str(args.guidance), str(args.k), str(args.repeats)]

@@ -63,7 +63,9 @@ def plain_loop(task, batches: list[dict], cfg: LoopConfig, warmup: int) -> float
     return (cfg.steps - warmup) / (time.perf_counter() - start)
 
 
-def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: str) -> tuple[float, float, float]:
+def trainer_steps_per_s(
+    task, cfg: LoopConfig, dataset, workers: int, storage: str, cpus: float | None = None
+) -> tuple[float, float, float]:
     """(steady steps/s and compute fraction from the run's metrics, skipping the first window; wall seconds
     including start-up)."""
     from pipeline.train.loop import Run, Scaling, run_training
@@ -73,7 +75,7 @@ def trainer_steps_per_s(task, cfg: LoopConfig, dataset, workers: int, storage: s
         task,
         cfg,
         dataset,
-        Scaling(workers, cpus_per_worker=min(1.0, (os.cpu_count() or 2) / (2 * workers))),
+        Scaling(workers, cpus_per_worker=cpus or min(1.0, (os.cpu_count() or 2) / (2 * workers))),
         Run(os.path.join(storage, "bench"), max_failures=0),
     )
     wall = time.perf_counter() - start
@@ -113,6 +115,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="plain loop: steps not timed")
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="Ray CPUs per train worker (Ray sets its torch threads to match); "
+        "default: half the machine's CPUs over the workers, at most 1",
+    )
     p.add_argument("--rows", type=int, default=2048, help="AR corpus rows / tokenizer images")
     p.add_argument(
         "--materialize-bytes", type=int, help="AR: corpus_for_training's threshold (default: the job's; 0: never)"
@@ -167,10 +175,14 @@ def main() -> None:
 
         torch.set_num_threads(os.cpu_count() or 1)
         plain_before = plain_loop(task, batches, cfg, args.warmup)
-        trainer, compute, wall = trainer_steps_per_s(task, cfg, dataset, args.workers, f"{tmp}/runs")
+        trainer, compute, wall = trainer_steps_per_s(
+            task, cfg, dataset, args.workers, f"{tmp}/runs", args.cpus_per_worker
+        )
         if args.task == "ar" and args.compare_unmaterialized:  # the job before corpus_for_training materialized
             lazy = corpus_for_training(f"{tmp}/corpus", materialize_bytes=0)
-            lazy_rate, lazy_compute, _ = trainer_steps_per_s(task, cfg, lazy, args.workers, f"{tmp}/runs-lazy")
+            lazy_rate, lazy_compute, _ = trainer_steps_per_s(
+                task, cfg, lazy, args.workers, f"{tmp}/runs-lazy", args.cpus_per_worker
+            )
         torch.set_num_threads(os.cpu_count() or 1)
         plain_after = plain_loop(task, batches, cfg, args.warmup)  # again: other load on the machine drifts
         plain = (plain_before + plain_after) / 2
