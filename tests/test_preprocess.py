@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from shards import png_header_only
 
@@ -210,6 +214,35 @@ def test_to_model_input_scales_and_transposes():
     assert x.dtype.is_floating_point and tuple(x.shape) == (2, 3, 4, 4)
     assert x[0, :, 1, 2].tolist() == pytest.approx([1.0, -1.0, 128 / 127.5 - 1], abs=1e-6)
     assert x.min() >= -1 and x.max() <= 1
+
+
+def test_to_model_input_is_x_over_127_5_minus_1_in_float32_for_every_byte():
+    batch = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)  # every value, every channel
+    want = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the formula, in torch float32
+    got = to_model_input(batch)
+    assert torch.equal(got, want) and got.is_contiguous()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_to_model_input_starts_no_thread_team_in_a_loader_thread():
+    """Loaders call it in their own threads; a torch op there would start an OpenMP team (one more thread)."""
+    code = textwrap.dedent(
+        """
+        import os, threading, numpy as np, torch
+        from pipeline.data.preprocess import to_model_input
+        torch.set_num_threads(2)
+        torch.ones(10**6).add_(1)  # the main thread's team
+        out = {}
+        def loader():
+            before = len(os.listdir("/proc/self/task"))
+            to_model_input(np.zeros((8, 64, 64, 3), np.uint8))
+            out["new"] = len(os.listdir("/proc/self/task")) - before
+        t = threading.Thread(target=loader); t.start(); t.join()
+        print(out["new"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert int(result.stdout) == 0
 
 
 def test_to_model_input_rejects_wrong_layout():

@@ -139,8 +139,15 @@ def augmented_views(img: Image.Image, resolution: int, aug_ids: tuple[int, ...])
 
 
 def to_model_input(batch: np.ndarray) -> torch.Tensor:
-    """uint8 [B, R, R, 3] -> float32 [B, 3, R, R] in [-1, 1] (x / 127.5 - 1)."""
+    """uint8 [B, R, R, 3] -> float32 [B, 3, R, R] in [-1, 1] (x / 127.5 - 1).
+
+    Computed in numpy, not torch: data loaders call this in their own threads (Ray Data's prefetch), and a torch
+    op there starts an OpenMP thread team for that thread. With more OpenMP threads than cores, libgomp stops
+    spinning between parallel regions, and every small op of the training thread then waits to wake its team
+    (the tiny tokenizer trained 1.6x slower: docs/performance.md)."""
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected uint8 [B, R, R, 3], got {batch.dtype} {list(batch.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)  # [B, 3, R, R]
-    return x.float().div_(127.5).sub_(1.0).contiguous()
+    x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)  # [B, 3, R, R]
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return torch.from_numpy(x)

@@ -280,7 +280,12 @@ def report(
     save: bool,
     rank: int,
 ) -> None:
-    """Log (rank 0), and report to Ray Train on every rank (a barrier), with a checkpoint when `save`."""
+    """Log (rank 0); when `save`, report a checkpoint to Ray Train on every rank (a barrier).
+
+    Steps that only log do not call ray.train.report: its result queue holds one report, and the controller
+    takes it every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting more often blocked every worker for the
+    rest of those 2 s (measured: 1.5 s per report, the tiny tokenizer at 0.40 of the plain loop). Result.metrics
+    holds only metrics reported with a checkpoint anyway; the metrics log (TensorBoard) gets every window."""
     import ray
     import ray.train
 
@@ -295,7 +300,6 @@ def report(
             flush=True,
         )
     if not save:
-        ray.train.report(metrics)
         return
     folder = Path(tempfile.mkdtemp(prefix="ckpt-")) if rank == 0 else None
     try:
