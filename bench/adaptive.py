@@ -6,8 +6,9 @@
 1. Every photo is decoded at every rung of the ladder from its own noise (seed + i, the same for every k):
    a table of PSNR [N, L] (and Inception cosine distance with --inception). From it: how often quality is not
    monotone in k, and fixed k's mean tokens / mean PSNR.
-2. For each target, the search (pipeline.data.adaptive.bisect_ladder, the code the pretokenize job runs) replays on
-   that table: chosen k, misses, decodes per image; also how often it differs from the exhaustive smallest k.
+2. For each target, the search (pipeline.data.adaptive.search_ladder, the code the pretokenize job runs) replays on
+   that table: chosen k, misses, decodes per image; also how often it differs from the exhaustive answer (the
+   smallest k meeting a PSNR target; the k maximising PSNR - LAMBDA * k for a `psnr-slope:LAMBDA` target).
 3. `--live` repeats one target's search for real (mixed-k decode calls) and checks it picks the same k's.
 4. Fixed k = round(adaptive's mean tokens) is decoded for every target: the equal-tokens comparison.
 
@@ -42,14 +43,16 @@ from pipeline.data.adaptive import (  # noqa: E402
     Criterion,
     Decoding,
     PSNRScorer,
-    bisect_ladder,
+    best_slope,
     decode_prefixes,
     image_noise,
     make_scorer,
     max_decodes,
     non_monotone,
+    parse_adaptive,
     parse_ladder,
     score_every_k,
+    search_ladder,
     search_lengths,
     smallest_meeting,
 )
@@ -65,7 +68,7 @@ SLOPES = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]  # LAMBDAs (dB per token) of the equal
 def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
     """The search run against a table of scores [N, L] instead of the decoder."""
     column = {k: j for j, k in enumerate(ladder)}
-    return bisect_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
+    return search_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
 
 
 def same_table(path: Path, files: list[str], ladder: list[int], seeds: list[int], dec: Decoding) -> bool:
@@ -83,7 +86,10 @@ def same_table(path: Path, files: list[str], ladder: list[int], seeds: list[int]
 
 def adaptive_point(psnr: np.ndarray, table: np.ndarray, ladder: list[int], criterion: Criterion) -> dict:
     result = replay(table, ladder, criterion)
-    exhaustive_k, _ = smallest_meeting(table, ladder, criterion)
+    if criterion.is_slope:
+        exhaustive_k = best_slope(table, ladder, criterion.target)
+    else:
+        exhaustive_k, _ = smallest_meeting(table, ladder, criterion)
     cols = np.searchsorted(ladder, result.k)
     chosen_psnr = psnr[np.arange(len(psnr)), cols]
     return {
@@ -96,6 +102,7 @@ def adaptive_point(psnr: np.ndarray, table: np.ndarray, ladder: list[int], crite
         "k_histogram": {int(k): int((result.k == k).sum()) for k in ladder},
         "decodes_mean": float(result.decodes.mean()),
         "decodes_max": int(result.decodes.max()),
+        "decode_bound": max_decodes(len(ladder), criterion),
         "differs_from_exhaustive": int((result.k != exhaustive_k).sum()),
         "extra_tokens_vs_exhaustive": float((result.k - exhaustive_k).mean()),
         "k": result.k.tolist(),
@@ -165,10 +172,10 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     fixed = sorted(results["fixed"], key=lambda r: r["k"])
     ax.plot([r["k"] for r in fixed], [r["mean_psnr"] for r in fixed], "o-", color="gray", label="fixed k")
-    for name, marker in (("psnr", "s"), ("inception", "^")):
-        pts = [p for p in results["adaptive"] if p["criterion"] == name]
+    for name, marker in (("psnr", "s"), ("inception", "^"), ("psnr-slope", "P-")):
+        pts = sorted((p for p in results["adaptive"] if p["criterion"] == name), key=lambda p: p["mean_tokens"])
         if pts:
-            ax.plot([p["mean_tokens"] for p in pts], [p["mean_psnr"] for p in pts], marker, label=f"adaptive ({name})")
+            ax.plot([p["mean_tokens"] for p in pts], [p["mean_psnr"] for p in pts], marker, label=f"search ({name})")
             for p in pts:
                 ax.annotate(f"{p['target']:g}", (p["mean_tokens"], p["mean_psnr"]), fontsize=7)
     predicted = results.get("length_predictor") or {}
@@ -202,8 +209,13 @@ def main() -> None:
     p.add_argument("--inception", help="also Inception cosine-distance targets, comma-separated (slow on CPU)")
     p.add_argument(
         "--live",
-        help="run this PSNR target's search for real (mixed-k decodes) and compare with the "
-        "replay; 'auto': the middle target",
+        help="run this target's search for real (mixed-k decodes) and compare with the replay: a PSNR "
+        "value, CRITERION:TARGET (e.g. psnr-slope:0.1), or 'auto' (the middle PSNR target)",
+    )
+    p.add_argument(
+        "--slopes",
+        default=",".join(map(str, SLOPES)),
+        help="LAMBDAs (dB per token) of the psnr-slope searches to replay ('' for none)",
     )
     p.add_argument("--timesteps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=1.0)
@@ -265,9 +277,10 @@ def main() -> None:
     criteria = [Criterion("psnr", t) for t in targets]
     if args.inception:
         criteria += [Criterion("inception", float(t)) for t in args.inception.split(",")]
+    criteria += [Criterion("psnr-slope", float(lam)) for lam in args.slopes.split(",") if lam.strip()]
     adaptive = []
     for c in criteria:
-        table = psnr if c.name == "psnr" else tables[1]
+        table = psnr if c.score_name == "psnr" else tables[1]
         adaptive.append(adaptive_point(psnr, table, ladder, c))
 
     oracle = equal_slope_points(psnr, ladder, SLOPES)
@@ -295,12 +308,15 @@ def main() -> None:
 
     live = None
     if args.live is not None:
-        crit = Criterion("psnr", targets[len(targets) // 2] if args.live == "auto" else float(args.live))
+        if args.live == "auto":
+            crit = Criterion("psnr", targets[len(targets) // 2])
+        else:
+            crit = parse_adaptive(args.live if ":" in args.live else f"psnr:{args.live}")
         t0 = time.perf_counter()
         _, result = search_lengths(model, photos, crit, ladder, PSNRScorer(), seeds, dec, tokens=tokens)
         replayed = replay(psnr, ladder, crit)
         live = {
-            "target": crit.target,
+            "target": str(crit),
             "seconds": time.perf_counter() - t0,
             "same_k": int((result.k == replayed.k).sum()),
             "decodes_total": int(result.decodes.sum()),
@@ -317,6 +333,7 @@ def main() -> None:
         "seed": args.seed,
         "ladder": ladder,
         "decode_bound_per_image": max_decodes(len(ladder)),
+        "decode_bound_per_image_slope": max_decodes(len(ladder), Criterion("psnr-slope", 1.0)),
         "non_monotone_psnr": {
             "any_drop": int(non_monotone(psnr, Criterion("psnr", 0)).sum()),
             "drop_over_0.5dB": int(non_monotone(psnr, Criterion("psnr", 0), 0.5).sum()),
@@ -342,13 +359,17 @@ def main() -> None:
     print("| fixed k | mean PSNR |\n|---:|---:|")
     for r in results["fixed"]:
         print(f"| {r['k']} | {r['mean_psnr']:.2f} |")
-    print("\n| target | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR | missed | decodes max | goal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "\n| target | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR | search - fixed | missed | "
+        "decodes max (bound) | differs from exhaustive | goal |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for a in adaptive:
         print(
             f"| {a['criterion']}:{a['target']:g} | {a['mean_tokens']:.2f} | {a['mean_psnr']:.2f} | "
-            f"{a['fixed_k_equal_tokens']} | {a['fixed_psnr_equal_tokens']:.2f} | {a['missed']} | "
-            f"{a['decodes_max']} | {'yes' if a['goal_met'] else 'no'} |"
+            f"{a['fixed_k_equal_tokens']} | {a['fixed_psnr_equal_tokens']:.2f} | "
+            f"{a['gain_db_vs_fixed_equal_tokens']:+.2f} | {a['missed']} | {a['decodes_max']} ({a['decode_bound']}) | "
+            f"{a['differs_from_exhaustive']} | {'yes' if a['goal_met'] else 'no'} |"
         )
     print(
         "\n| equal-slope oracle | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR |\n"
@@ -379,7 +400,10 @@ def main() -> None:
                 f"{t['fixed_k_equal_tokens']} | {t['fixed_psnr_equal_tokens']:.2f} |"
             )
     if live:
-        print(f"\nlive search psnr:{live['target']:g}: same k as the replay for {live['same_k']}/{len(photos)} photos")
+        print(
+            f"\nlive search {live['target']}: same k as the replay for {live['same_k']}/{len(photos)} photos, "
+            f"{live['decodes_total']} decodes (max {live['decodes_max']} per photo)"
+        )
     print(f"-> {out / 'results.json'}, {out / 'rate.png'}")
 
 

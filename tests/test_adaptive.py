@@ -10,7 +10,9 @@ from pipeline.data.adaptive import (
     Criterion,
     Decoding,
     PSNRScorer,
+    best_slope,
     bisect_ladder,
+    bisect_slope,
     decode_prefixes,
     default_ladder,
     image_noise,
@@ -18,6 +20,7 @@ from pipeline.data.adaptive import (
     non_monotone,
     parse_adaptive,
     parse_ladder,
+    search_ladder,
     search_lengths,
     smallest_meeting,
 )
@@ -40,9 +43,10 @@ def monotone_table(rng: np.random.Generator, n: int, rungs: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ parsing
-def test_parse_adaptive_accepts_both_criteria():
+def test_parse_adaptive_accepts_every_criterion():
     assert parse_adaptive("psnr:24") == Criterion("psnr", 24.0)
     assert parse_adaptive("inception:0.15") == Criterion("inception", 0.15)
+    assert parse_adaptive("PSNR-slope:0.1") == Criterion("psnr-slope", 0.1)
 
 
 @pytest.mark.parametrize(
@@ -54,6 +58,7 @@ def test_parse_adaptive_accepts_both_criteria():
         ("psnr:nan", "must be finite"),
         ("psnr:-3", "(0, 100]"),
         ("inception:5", "[0, 2]"),
+        ("psnr-slope:0", "LAMBDA"),
     ],
 )
 def test_parse_adaptive_rejects_bad_values_in_one_line(text, message):
@@ -140,6 +145,61 @@ def test_non_monotone_scores_still_give_a_k_that_was_decoded_and_met():
     exhaustive_k, _ = smallest_meeting(table, ladder, crit)
     assert (result.k[~result.missed] >= exhaustive_k[~result.missed]).all()
     assert non_monotone(table, crit).mean() > 0.9 and not non_monotone(np.sort(table, axis=1), crit).any()
+
+
+# ------------------------------------------------------------------------------------------ equal slope
+def concave_table(rng: np.random.Generator, n: int, ladder: list[int]) -> np.ndarray:
+    """PSNR-like scores whose gain per token falls along the ladder, at a per-image pace."""
+    gains = np.sort(rng.exponential(1.0, size=(n, len(ladder))), axis=1)[:, ::-1] * rng.uniform(0.2, 3, (n, 1))
+    widths = np.diff([0, *ladder])  # tokens added by each rung
+    return 10 + np.cumsum(gains * widths, axis=1)
+
+
+@pytest.mark.parametrize("ladder", [[1, 2], [1, 2, 4, 8, 16, 32], [1, 2, 4, 8, 16, 32, 64, 128, 256], [3, 5, 6, 11]])
+@pytest.mark.parametrize("lam", [0.05, 0.3, 2.0])
+def test_slope_search_maximises_psnr_minus_lambda_k_on_concave_curves(ladder, lam):
+    table = concave_table(np.random.default_rng(len(ladder)), 300, ladder)
+    result = bisect_slope(300, ladder, lam, FakeDecoder(table, ladder))
+    np.testing.assert_array_equal(result.k, best_slope(table, ladder, lam))
+    assert not result.missed.any()  # a slope has no level to miss
+
+
+@pytest.mark.parametrize("rungs, within_issue_bound", [(2, True), (6, True), (9, True), (8, False), (32, False)])
+def test_slope_search_decodes_each_rung_once_within_its_bound(rungs, within_issue_bound):
+    ladder = [2**i for i in range(rungs)] if rungs <= 9 else list(range(1, rungs + 1))
+    fake = FakeDecoder(concave_table(np.random.default_rng(0), 400, ladder), ladder)
+    result = bisect_slope(400, ladder, 0.3, fake)
+    bound = max_decodes(rungs, Criterion("psnr-slope", 0.3))
+    assert result.decodes.max() <= bound and len(fake.calls) <= bound  # one call per round for the whole batch
+    assert result.decodes.sum() == sum(len(idx) for idx, _ in fake.calls)  # nothing decoded twice
+    assert (bound <= int(np.ceil(np.log2(rungs))) + 1) == within_issue_bound
+    for idx, ks in fake.calls:  # at most the two rungs of one gap per image and round
+        assert max(np.bincount(idx)) <= 2 and len(set(zip(idx, ks, strict=True))) == len(idx)
+
+
+def test_slope_search_on_any_curve_stops_where_the_gain_fell_below_lambda():
+    rng = np.random.default_rng(2)
+    ladder = [1, 2, 4, 8, 16, 32]
+    table = rng.uniform(10, 30, size=(500, 6))  # no order at all
+    lam = 0.2
+    result = bisect_slope(500, ladder, lam, FakeDecoder(table, ladder))
+    for tried, k in zip(result.tried, result.k, strict=True):
+        j = ladder.index(int(k))
+        assert k in tried  # the chosen rung was decoded
+        if j + 1 < len(ladder):  # the gain after it was measured and is below lambda
+            assert (tried[ladder[j + 1]] - tried[k]) / (ladder[j + 1] - k) < lam
+        if j > 0:  # the gain into it was measured and is not
+            assert (tried[k] - tried[ladder[j - 1]]) / (k - ladder[j - 1]) >= lam
+
+
+def test_search_ladder_picks_the_search_by_criterion():
+    ladder = [1, 2, 4, 8]
+    table = np.array([[10.0, 14, 15, 15.5]])  # gains per token 4, 0.5, 0.125
+    assert search_ladder(1, ladder, Criterion("psnr", 14.5), FakeDecoder(table, ladder)).k.tolist() == [4]
+    assert search_ladder(1, ladder, Criterion("psnr-slope", 1.0), FakeDecoder(table, ladder)).k.tolist() == [2]
+    assert search_ladder(1, ladder, Criterion("psnr-slope", 0.1), FakeDecoder(table, ladder)).k.tolist() == [8]
+    with pytest.raises(ValueError, match="gain"):
+        Criterion("psnr-slope", 1.0).meets(table)
 
 
 # ------------------------------------------------------------------------------------------ with a model

@@ -202,7 +202,6 @@ def test_metadata_records_the_predictor_path_and_digest(predicted_corpus, predic
         (["--adaptive", "psnr:14", "--length-predictor", "{other}"], "another tokenizer"),
         (["--adaptive", "psnr:14", "--length-predictor", "{good}", "--ladder", "1,2,4"], "predicts the k's"),
         (["--adaptive", "inception:0.1", "--length-predictor", "{good}"], "psnr-slope:LAMBDA"),
-        (["--adaptive", "psnr-slope:0.1"], "needs --length-predictor"),
         (["--length-predictor", "{good}"], "needs --adaptive"),
     ],
 )

@@ -54,8 +54,9 @@ def test_choice_is_what_the_live_search_picks_from_the_same_noise(tiny_model, im
     chunk = {f"psnr_{k}": rows["psnr"][rows["k"] == k] for k in LADDER}  # [6] each, image order
     table = score_table(chunk, LADDER, Criterion("psnr", 0.0))  # [6, L]
     levels = np.unique(table)
-    for target in (levels[len(levels) // 4] + 1e-6, levels[len(levels) // 2] + 1e-6, levels[-1] - 1e-6):
-        crit = Criterion("psnr", float(target))
+    thresholds = [Criterion("psnr", float(t)) for t in (levels[len(levels) // 4], levels[len(levels) // 2])]
+    slopes = [Criterion("psnr-slope", lam) for lam in (0.05, 0.5)]
+    for crit in [*thresholds, Criterion("psnr", float(levels[-1] - 1e-6)), *slopes]:
         seeds = [S.noise_seed(0, key) for key in keys]
         _, live = search_lengths(tiny_model, images, crit, list(LADDER), PSNRScorer(), seeds, Decoding(timesteps=2))
         replay = choose(table, LADDER, crit)

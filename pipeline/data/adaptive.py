@@ -11,10 +11,17 @@ every k of an image). For a ladder of L rungs it needs at most ceil(log2(L + 1))
 image. Bisection assumes quality grows with k. Where it does not, the answer is still a k whose reconstruction
 was decoded and met the target (never a guess), but it may not be the smallest such k. An image that misses the
 target at the largest k keeps the largest k and is counted in `missed`.
+
+`psnr-slope:LAMBDA` is a target on the gain instead of the level: the first rung after which more tokens buy less
+than LAMBDA dB per token. Where PSNR is concave in k this is the rung maximising PSNR(k) - LAMBDA * k, the
+equal-slope allocation that maximises mean PSNR at a given mean token count (a threshold does not: it spends the
+most tokens on the photos that gain least from them). It bisects over the ladder's gaps, two rungs per gap, the
+rungs shared between rounds decoded once (`max_decodes` counts the worst case: 4 for a 6-rung ladder).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,18 +35,31 @@ from ..image_metrics import pixel_metrics
 from ..inception import model_output_to_uint8
 from .preprocess import to_model_input
 
-CRITERIA = {"psnr": "higher", "inception": "lower"}  # how each score meets its target
+CRITERIA = {"psnr": "higher", "inception": "lower"}  # threshold criteria: how each score meets its target
+SLOPE = "psnr-slope"  # a target on PSNR's gain per token (LAMBDA, dB per token) instead of its level
 
 
 @dataclass(frozen=True)
 class Criterion:
     """`psnr`: dB against the input (met when >= target); `inception`: cosine distance between the input's and
-    the reconstruction's Inception pool features (met when <= target)."""
+    the reconstruction's Inception pool features (met when <= target); `psnr-slope`: stop where PSNR gains less
+    than `target` dB per further token."""
 
     name: str
     target: float
 
+    @property
+    def is_slope(self) -> bool:
+        return self.name == SLOPE
+
+    @property
+    def score_name(self) -> str:
+        """What is measured per reconstruction: 'psnr' or 'inception'."""
+        return "psnr" if self.is_slope else self.name
+
     def meets(self, scores: np.ndarray) -> np.ndarray:
+        if self.is_slope:
+            raise ValueError(f"{self}: a slope target is met by a gain, not a score")
         scores = np.asarray(scores, np.float64)
         return scores >= self.target if CRITERIA[self.name] == "higher" else scores <= self.target
 
@@ -48,12 +68,14 @@ class Criterion:
 
 
 def parse_adaptive(text: str) -> Criterion:
-    """'psnr:24' | 'inception:0.1' -> Criterion; a SettingError (a ValueError) with a one-line reason otherwise."""
+    """'psnr:24' | 'inception:0.1' | 'psnr-slope:0.1' -> Criterion; a SettingError (a ValueError) with a one-line
+    reason otherwise."""
     name, sep, value = str(text).partition(":")
     name = name.strip().lower()
-    if not sep or name not in CRITERIA:
+    if not sep or name not in (*CRITERIA, SLOPE):
         raise SettingError(
-            f"adaptive {text!r}: expected CRITERION:TARGET with CRITERION one of {sorted(CRITERIA)}", "adaptive"
+            f"adaptive {text!r}: expected CRITERION:TARGET with CRITERION one of {sorted((*CRITERIA, SLOPE))}",
+            "adaptive",
         )
     try:
         target = float(value)
@@ -65,6 +87,8 @@ def parse_adaptive(text: str) -> Criterion:
         raise SettingError(f"adaptive {text!r}: a PSNR target lies in (0, 100] dB", "adaptive")
     if name == "inception" and not 0 <= target <= 2:
         raise SettingError(f"adaptive {text!r}: a cosine distance target lies in [0, 2]", "adaptive")
+    if name == SLOPE and not 0 < target <= 100:
+        raise SettingError(f"adaptive {text!r}: LAMBDA (dB per token) lies in (0, 100]", "adaptive")
     return Criterion(name, target)
 
 
@@ -89,9 +113,29 @@ def parse_ladder(text: str | None, num_registers: int) -> list[int]:
     return ladder
 
 
-def max_decodes(ladder_len: int) -> int:
-    """The bound the bisection keeps: ceil(log2(L + 1)) decodes per image (at most ceil(log2 L) + 1)."""
+def max_decodes(ladder_len: int, criterion: Criterion | None = None) -> int:
+    """The most decodes per image the search can spend on a ladder of L rungs: ceil(log2(L + 1)) (at most
+    ceil(log2 L) + 1) for a threshold; for a slope target, that of bisect_slope's best split order (4 for
+    6 rungs, 5 for 9: within ceil(log2 L) + 1 for both; 9 for 32 rungs, where it is not)."""
+    if criterion is not None and criterion.is_slope:
+        return max(1, slope_plan(ladder_len - 1, False, False)[0])
     return math.ceil(math.log2(ladder_len + 1))
+
+
+@functools.cache
+def slope_plan(gaps: int, first_known: bool, last_known: bool) -> tuple[int, int]:
+    """(worst-case decodes, which gap to test first) to settle a run of `gaps` ladder gaps whose end rungs are
+    already decoded or not. Testing gap m decodes its two rungs unless known; a flat gap leaves the gaps before
+    it (rung m now known), a steep one those after it (rung m + 1 known). Minimax over m: a small DP."""
+    if gaps == 0:
+        return 0, 0
+    best = None
+    for m in range(gaps):
+        new = (not (m == 0 and first_known)) + (not (m == gaps - 1 and last_known))
+        cost = new + max(slope_plan(m, first_known, True)[0], slope_plan(gaps - m - 1, True, last_known)[0])
+        if best is None or cost < best[0]:
+            best = (cost, m)
+    return best
 
 
 # ------------------------------------------------------------------------------------------ bisection
@@ -136,6 +180,59 @@ def bisect_ladder(num_images: int, ladder: list[int], criterion: Criterion, scor
     missed = lo == L
     k = np.asarray(ladder, np.int64)[np.minimum(lo, L - 1)]
     return SearchResult(k=k, missed=missed, decodes=decodes, tried=tried)
+
+
+def bisect_slope(num_images: int, ladder: list[int], lam: float, score: ScoreFn) -> SearchResult:
+    """Lockstep bisection for the first gap of the ladder where PSNR gains less than `lam` dB per token.
+
+    Gap j joins rungs j and j + 1; its gain is (s[j+1] - s[j]) / (k[j+1] - k[j]). Per image the state is [lo, hi)
+    over gaps 0..L-1 (L - 1 = no gap is flat: keep the last rung). Each round tests one gap per unresolved image
+    (the one `slope_plan` picks: the fewest decodes in the worst case), decoding in ONE `score` call those of its
+    two rungs not decoded yet; a flat gap moves hi down to it, a steep one moves lo past it. The answer is rung
+    lo: decoded, as hi = lo was set by a flat gap starting there, or lo = mid + 1 after a steep gap ending
+    there. Where gains fall with k (PSNR concave in k) this is the rung maximising score - lam * k; where they do
+    not, a rung whose gain in was >= lam and whose gain out was < lam."""
+    L = len(ladder)
+    ks_of = np.asarray(ladder, np.int64)
+    lo, hi = np.zeros(num_images, np.int64), np.full(num_images, L - 1, np.int64)
+    tried: list[dict[int, float]] = [{} for _ in range(num_images)]
+    if L == 1:  # nothing to choose; decode once so the answer's score is known, as for a threshold
+        for i, s in enumerate(score(np.arange(num_images), np.full(num_images, ladder[0]))):
+            tried[i][ladder[0]] = float(s)
+    while (open_ := np.flatnonzero(lo < hi)).size:
+        mid = np.array([
+            lo[i] + slope_plan(int(hi[i] - lo[i]), ladder[lo[i]] in tried[i], ladder[hi[i]] in tried[i])[1]
+            for i in open_
+        ])  # fmt: skip
+        pairs = zip(open_, mid, strict=True)
+        need = [(i, int(k)) for i, j in pairs for k in ks_of[[j, j + 1]] if int(k) not in tried[i]]
+        if need:
+            idx, ks = np.array([i for i, _ in need]), np.array([k for _, k in need])
+            for i, k, s in zip(idx, ks, np.asarray(score(idx, ks), np.float64), strict=True):
+                tried[i][int(k)] = float(s)
+        gain = np.array([
+            (tried[i][int(ks_of[j + 1])] - tried[i][int(ks_of[j])]) / (ks_of[j + 1] - ks_of[j])
+            for i, j in zip(open_, mid, strict=True)
+        ])  # fmt: skip
+        flat = gain < lam
+        hi[open_] = np.where(flat, mid, hi[open_])
+        lo[open_] = np.where(flat, lo[open_], mid + 1)
+    decodes = np.array([len(t) for t in tried], np.int64)
+    return SearchResult(k=ks_of[lo], missed=np.zeros(num_images, bool), decodes=decodes, tried=tried)
+
+
+def search_ladder(num_images: int, ladder: list[int], criterion: Criterion, score: ScoreFn) -> SearchResult:
+    """The search for a criterion: bisect_slope for `psnr-slope`, bisect_ladder for a threshold."""
+    if criterion.is_slope:
+        return bisect_slope(num_images, ladder, criterion.target, score)
+    return bisect_ladder(num_images, ladder, criterion, score)
+
+
+def best_slope(scores: np.ndarray, ladder: list[int], lam: float) -> np.ndarray:
+    """Exhaustive equal-slope answer from scores [N, L] at every rung: per image the k maximising
+    score - lam * k (the first such rung on a tie). What bisect_slope finds when gains fall with k."""
+    ks = np.asarray(ladder, np.int64)
+    return ks[np.argmax(np.asarray(scores, np.float64) - lam * ks[None], axis=1)]
 
 
 def smallest_meeting(scores: np.ndarray, ladder: list[int], criterion: Criterion) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +284,7 @@ class InceptionScorer:
 
 def make_scorer(criterion: Criterion, inception_weights: str | None = None, device: str = "cpu"):
     """The scorer for a criterion (Inception weights: the project's converted ones unless a path is given)."""
-    if criterion.name == "psnr":
+    if criterion.score_name == "psnr":
         return PSNRScorer()
     from ..inception import Inception, ensure_inception_weights
 
@@ -241,7 +338,7 @@ def search_lengths(
     def score(idx: np.ndarray, ks: np.ndarray) -> np.ndarray:
         return scorer(reference[idx], decode_prefixes(model, tokens, idx, ks, noise, dec))
 
-    return tokens, bisect_ladder(len(photos), ladder, criterion, score)
+    return tokens, search_ladder(len(photos), ladder, criterion, score)
 
 
 @torch.no_grad()

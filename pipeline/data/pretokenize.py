@@ -234,10 +234,6 @@ def adaptive_meta(cfg: PretokenizeConfig, num_registers: int) -> dict[str, str]:
         raise JobInputError(
             f"adaptive_timesteps {cfg.adaptive_timesteps}: need at least 1 decoder step", "adaptive_timesteps"
         )
-    if str(cfg.adaptive).lower().startswith("psnr-slope"):
-        raise JobInputError(
-            f"adaptive {cfg.adaptive}: psnr-slope:LAMBDA needs length_predictor", "adaptive", "length_predictor"
-        )
     criterion = parse_adaptive(cfg.adaptive)  # SettingError: one line naming the field
     ladder = parse_ladder(cfg.ladder, num_registers)
     settings = AdaptiveSettings(

@@ -106,7 +106,7 @@ def adaptive_results(g: Gathered, per_k: list[dict], ref: Reference, opts: Metri
     fixed = [{"k": r["k"], "mean_tokens": float(r["k"]), "psnr": r["psnr"], "fid": r["fid"]} for r in per_k]
     return {
         "ladder": list(plan.ladder),
-        "rule": "per image, the k that pipeline.data.adaptive.bisect_ladder (the pretokenize --adaptive search) "
+        "rule": "per image, the k that pipeline.data.adaptive.search_ladder (the pretokenize --adaptive search) "
         "picks, replayed on the table of every k the sweep decoded from the image's one noise: no extra decoder call",
         "fixed_k": fixed,
         "targets": targets,

@@ -7,7 +7,7 @@
 
 The sweep already decodes every k of an image from the same initial noise, so a chunk of finished images holds
 each image's whole table: PSNR (and Inception features) at every k. Per image and target, the chosen k is what
-`pretokenize --adaptive` would pick: pipeline.data.adaptive.bisect_ladder run on that table, the same lockstep
+`pretokenize --adaptive` would pick: pipeline.data.adaptive.search_ladder run on that table, the same lockstep
 bisection, the same Criterion, the same PSNR function; `decodes` counts the rungs that bisection looked at,
 i.e. the decoder calls the live search would have spent. The chosen k's row (features, logits, pixel metrics)
 then joins the target's group, which is summarised like any k (FID from merged statistics, a bounded subset).
@@ -24,7 +24,7 @@ import numpy as np
 
 from flextok.errors import SettingError
 
-from ..data.adaptive import Criterion, SearchResult, bisect_ladder, max_decodes, parse_adaptive
+from ..data.adaptive import Criterion, SearchResult, max_decodes, parse_adaptive, search_ladder
 from .sweep import REAL
 
 ADAPTIVE = -2  # the group of the i-th target is ADAPTIVE - i (REAL = 0 and ERROR = -1 are taken)
@@ -77,7 +77,7 @@ class AdaptivePlan:
 def score_table(chunk: dict[str, np.ndarray], ladder: tuple[int, ...], criterion: Criterion) -> np.ndarray:
     """[n, L] scores of a chunk's good images at every rung: PSNR as the sweep measured it, or the cosine
     distance between the original's and the reconstruction's Inception pool features (as InceptionScorer)."""
-    if criterion.name == "psnr":
+    if criterion.score_name == "psnr":
         return np.stack([chunk[f"psnr_{k}"] for k in ladder], axis=1)
     real = _unit(chunk[f"features_{REAL}"])  # [n, D]
     return np.stack([1.0 - (real * _unit(chunk[f"features_{k}"])).sum(axis=1) for k in ladder], axis=1)
@@ -89,13 +89,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def choose(scores: np.ndarray, ladder: tuple[int, ...], criterion: Criterion) -> SearchResult:
-    """The live search's answer, replayed on a fully decoded table [n, L]: bisect_ladder looking scores up."""
+    """The live search's answer, replayed on a fully decoded table [n, L]: search_ladder looking scores up."""
     rung = {k: j for j, k in enumerate(ladder)}
 
     def lookup(idx: np.ndarray, ks: np.ndarray) -> np.ndarray:
         return scores[idx, [rung[int(k)] for k in ks]]
 
-    return bisect_ladder(len(scores), list(ladder), criterion, lookup)
+    return search_ladder(len(scores), list(ladder), criterion, lookup)
 
 
 def chosen_rows(chunk: dict[str, np.ndarray], name: str, ks: np.ndarray) -> np.ndarray | None:
@@ -141,7 +141,7 @@ class Tally:
             "decodes_if_searched": {
                 "mean": self.decodes / n if n else None,
                 "max": self.decodes_max,
-                "bound": max_decodes(len(ladder)),
+                "bound": max_decodes(len(ladder), self.criterion),
             },
             "k_histogram": {str(k): self.histogram[k] for k in ladder if self.histogram[k]},
         }
