@@ -41,7 +41,9 @@ MARKER = ".flextok-demo"  # marks a folder this demo made (and may therefore emp
 SHIPPED_TOKENIZER = REPO / "models" / "flextok-small"  # docs/small-model.md
 SHIPPED_AR = REPO / "models" / "flextok-small-ar"
 HELDOUT = SHIPPED_TOKENIZER / "heldout.csv"  # the photos the shipped models never trained on
-DEMO_TARGETS = "psnr:13,psnr:15,psnr:17"  # the shipped tokenizer's held-out PSNR spans ~11.5 (k=1) to ~17.3 (k=32)
+# A PSNR level (the shipped tokenizer's held-out PSNR spans ~11.5 dB at k=1 to ~17.3 at k=32) and two gains per
+# token (psnr-slope: stop where a photo gains less than LAMBDA dB per further token; docs/adaptive.md).
+DEMO_TARGETS = "psnr:15,psnr-slope:0.1,psnr-slope:0.4"
 GRID_IMAGES = 12  # rows of recon_grid.png and adaptive_grid.png
 ADAPTIVE_FIGURES = ("rate_plot", "adaptive_grid")  # the sweep's results.json names them under `files`
 
@@ -322,9 +324,13 @@ def adaptive_sentence(adaptive: dict) -> str:
         above = [r for r in fixed if r["mean_tokens"] >= t["mean_tokens"]][:1]
         near = {r["k"]: r for r in below + above}.values()
         beside = " and ".join(f"k={r['k']}: {r['psnr']:.2f} dB" for r in near)
+        if t.get("criterion") == "psnr-slope":
+            missed = "a gain target, nothing to miss"
+        else:
+            missed = f"{t['missed']} of {t['images']} photos miss it even at k={max(adaptive['ladder'])}"
         parts.append(
             f"{t['target']}: {t['mean_tokens']:.1f} tokens per photo on average, mean PSNR {t['psnr']:.2f} dB "
-            f"({t['missed']} of {t['images']} photos miss it even at k={max(adaptive['ladder'])}; fixed {beside})"
+            f"({missed}; fixed {beside})"
         )
     return "; ".join(parts) + "." if parts else ""
 
@@ -361,10 +367,12 @@ def adaptive_section(recon: dict) -> str:
 reconstruction with its k.</p>
 <img src="{files["adaptive_grid"]}" alt="photos ordered by their chosen k">"""
     return f"""<h2>Adaptive token budgets: rate against quality</h2>
-<p>Instead of one k for every photo, each photo gets the smallest k on the ladder {ladder} whose reconstruction
-meets a quality target: the k <code>flextok pretokenize --adaptive</code> would pick (the same bisection), read off
-the reconstructions the sweep above decoded anyway, so it costs no decoder call. A photo that misses the
-target even at k={max(adaptive["ladder"])} keeps k={max(adaptive["ladder"])}. {adaptive_sentence(adaptive)}</p>
+<p>Instead of one k for every photo, each photo gets its own k on the ladder {ladder}: the k
+<code>flextok pretokenize --adaptive</code> would pick (the same bisection), read off the reconstructions the sweep
+above decoded anyway, so it costs no decoder call. <code>psnr:T</code> gives each photo the smallest k whose
+reconstruction reaches T dB (a photo that misses it even at k={max(adaptive["ladder"])} keeps
+k={max(adaptive["ladder"])}); <code>psnr-slope:L</code> stops where more tokens would gain the photo less than L dB
+each, so tokens go to the photos that gain most from them. {adaptive_sentence(adaptive)}</p>
 {plot}
 {adaptive_table(adaptive)}
 {grid}

@@ -191,8 +191,8 @@ def fake_adaptive(ks: list[int], targets: dict[str, tuple[float, float, int]]) -
     """An adaptive block of results.json: target -> (mean tokens, PSNR, missed), on 250 images."""
     fixed = [{"k": k, "mean_tokens": float(k), "psnr": 10.0 + k, "fid": 100.0 / k} for k in ks]
     rows = [
-        {"target": t, "mean_tokens": m, "psnr": p, "fid": 50.0, "ssim": 0.4, "missed": x, "images": 250,
-         "decodes_if_searched": {"mean": 2.5, "max": 3, "bound": 3}}
+        {"target": t, "criterion": t.split(":")[0], "mean_tokens": m, "psnr": p, "fid": 50.0, "ssim": 0.4,
+         "missed": x, "images": 250, "decodes_if_searched": {"mean": 2.5, "max": 3, "bound": 3}}
         for t, (m, p, x) in targets.items()
     ]  # fmt: skip
     return {"ladder": ks, "fixed_k": fixed, "targets": rows}
@@ -200,7 +200,8 @@ def fake_adaptive(ks: list[int], targets: dict[str, tuple[float, float, int]]) -
 
 def test_report_shows_the_adaptive_targets_with_their_figures_and_measured_words(tmp_path):
     out = demo.Layout(tmp_path / "demo")
-    adaptive = fake_adaptive([1, 4, 16], {"psnr:13": (3.5, 13.75, 2), "psnr:20": (15.0, 25.5, 40)})
+    targets = {"psnr:13": (3.5, 13.75, 2), "psnr:20": (15.0, 25.5, 40), "psnr-slope:0.2": (6.0, 16.5, 0)}
+    adaptive = fake_adaptive([1, 4, 16], targets)
     fake_sweep(out.work / "recon", "recon_grid.png", {1: 120.5, 4: 80.25, 16: 60.0}, adaptive)
     fake_sweep(out.work / "generate", "samples_grid.png", {1: 150.0, 4: 130.0, 16: 125.0})
     args = demo.build_parser().parse_args(["--ks", "1,4,16"])
@@ -213,6 +214,8 @@ def test_report_shows_the_adaptive_targets_with_their_figures_and_measured_words
     assert "psnr:13: 3.5 tokens per photo on average, mean PSNR 13.75 dB" in page
     assert "(2 of 250 photos miss it even at k=16; fixed k=1: 11.00 dB and k=4: 14.00 dB)" in page  # around 3.5
     assert "40 of 250 photos miss it even at k=16; fixed k=4: 14.00 dB and k=16: 26.00 dB" in page
+    slope = "psnr-slope:0.2: 6.0 tokens per photo on average, mean PSNR 16.50 dB (a gain target, nothing to miss;"
+    assert slope in page
     results = json.loads((out.root / "results.json").read_text())
     assert results["reconstruction"]["adaptive"]["targets"][1]["target"] == "psnr:20"
 
