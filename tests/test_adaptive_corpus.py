@@ -16,7 +16,16 @@ from torch.utils.data import DataLoader
 from jobs import pretokenize as pretokenize_job
 from jobs import validate_corpus as validate_job
 from jobs.common import run_main
-from pipeline.data.adaptive import Criterion, Decoding, PSNRScorer, decode_prefixes, image_noise, search_lengths
+from pipeline.data.adaptive import (
+    Criterion,
+    Decoding,
+    PSNRScorer,
+    decode_prefixes,
+    image_noise,
+    make_scorer,
+    max_decodes,
+    search_lengths,
+)
 from pipeline.data.adaptive_stage import image_seed
 from pipeline.data.corpus import SCHEMA, CorpusDataset, CorpusMeta, pad_collate, read_corpus, validate_corpus
 from pipeline.data.preprocess import PREPROCESSING, center_crop_adm, decode_image, to_model_input
@@ -178,6 +187,30 @@ def test_actor_gives_each_image_its_searched_prefix_and_passes_other_rows_throug
     assert [r["adaptive_decodes"] for r in good] == want.decodes.tolist()
     assert out[2]["tokens"] is None and out[2]["adaptive_missed"] is None and out[2]["error"] == "x"
     assert len(set(want.k.tolist())) > 1 and 0 < want.missed.sum() < len(files)
+
+
+def test_actor_with_a_slope_target_runs_the_slope_search(tiny_model, photos):
+    """psnr-slope:LAMBDA needs no length predictor: the stage runs the gain search, and nothing is missed."""
+    import pyarrow as pa
+
+    from pipeline.data.adaptive_stage import AdaptiveTokenizeActor
+    from pipeline.data.pretokenize import IMAGES_SCHEMA
+
+    files, crops = photos
+    actor = AdaptiveTokenizeActor.__new__(AdaptiveTokenizeActor)
+    actor.model, actor.resolution, actor.num_tokens = tiny_model, 32, 32
+    actor.criterion, actor.ladder, actor.decoding = Criterion("psnr-slope", 0.05), LADDER, DEC
+    actor.scorer = make_scorer(actor.criterion)
+    rows = [
+        {"unit": "u", "record": i, "key": f.stem, "source": "s", "aug": 0, "image": c.tobytes()}
+        for i, (f, c) in enumerate(zip(files, crops, strict=True))
+    ]
+    out = actor(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)).to_pylist()
+    seeds = [image_seed(f.stem, 0) for f in files]
+    _, want = search_lengths(tiny_model, crops, actor.criterion, LADDER, PSNRScorer(), seeds, DEC)
+    assert [len(r["tokens"]) for r in out] == want.k.tolist()
+    assert not any(r["adaptive_missed"] for r in out)
+    assert max(r["adaptive_decodes"] for r in out) <= max_decodes(len(LADDER), actor.criterion) == 4
 
 
 def test_a_written_variable_length_corpus_validates_and_reads_back_without_ray(tmp_path):
