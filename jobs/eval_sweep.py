@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-images", type=int, default=8, help="rows of recon_grid.png (and adaptive_grid.png)")
     p.add_argument(
         "--adaptive",
-        help="adaptive targets to evaluate, e.g. psnr:14,psnr:16 or inception:0.1 (per image: the smallest "
-        "ladder k whose reconstruction meets the target, as pretokenize --adaptive picks it)",
+        help="adaptive targets to evaluate, e.g. psnr:14,psnr:16, inception:0.1 or psnr-slope:0.1 (per image: the "
+        "k pretokenize --adaptive would pick: the smallest ladder k meeting the target, or for psnr-slope the k "
+        "after which more tokens gain less than LAMBDA dB each)",
     )
     p.add_argument("--ladder", help="the adaptive search's ladder, some of --ks (default: all of --ks)")
     add_sweep_args(p)

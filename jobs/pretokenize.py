@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adaptive",
         help="psnr:TARGET (dB) | inception:TARGET (cosine distance): store each image's shortest prefix on the "
-        "ladder whose reconstruction meets the target (docs/adaptive.md)",
+        "ladder whose reconstruction meets the target; psnr-slope:LAMBDA (dB per token): the prefix after which "
+        "more tokens gain less than LAMBDA dB each (docs/adaptive.md)",
     )
     p.add_argument("--ladder", help="adaptive: the k's to choose from, e.g. 1,2,4,8 (default: powers of two)")
     p.add_argument("--adaptive-timesteps", type=int, default=25, help="adaptive: decoder steps (default 25)")
