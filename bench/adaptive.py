@@ -14,7 +14,8 @@
 
 `--length-predictor PATH` also scores a length predictor's picks (zero decodes) on the decoded table: for each
 target its threshold rule (calibrated margin), and its equal-slope rule for a few LAMBDAs, each against the
-search and against fixed k at equal mean tokens.
+search and against fixed k at equal mean tokens. A predictor calibrated on these very photos needs
+`--calibration-folds 5`: each fold's margins are then set on the other folds' curves.
 
 `--table-only` stops after step 1 and saves the table (`table.npz`: files, tokens, ladder, psnr), the training
 data of the length predictor (jobs/train_length_predictor.py):
@@ -60,7 +61,7 @@ from pipeline.data.adaptive import (  # noqa: E402
 sys.path.insert(0, str(REPO / "bench"))
 from small_model import load_photos  # noqa: E402
 
-from pipeline.data.length_predictor import LengthPredictor, Rule, choose_rungs  # noqa: E402
+from pipeline.data.length_predictor import LengthPredictor, Rule, calibrated_margin, choose_rungs  # noqa: E402
 
 SLOPES = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]  # LAMBDAs (dB per token) of the equal-slope points
 
@@ -122,21 +123,47 @@ def equal_slope_points(psnr: np.ndarray, ladder: list[int], lambdas: list[float]
     return points
 
 
-def predictor_points(predictor, tokens, psnr: np.ndarray, ladder: list[int], search: list[dict]) -> dict:
-    """A length predictor's picks scored on the decoded table [N, L]: per search point the threshold rule at the
-    same target (margin calibrated on the predictor's training photos), then the equal-slope rule per LAMBDA."""
+def threshold_picks(predictor, pred: np.ndarray, psnr: np.ndarray, ladder, target: float, folds: int):
+    """The threshold rule's (k [N], predicted miss [N], margins) on these photos. folds = 0: the predictor's own
+    margin (its calibration photos must be other photos); folds = K: cross-fitted calibration on these photos,
+    each fold's margin set on the other folds' predicted and decoded curves (no photo's k sees its own curve)."""
+    rule = Rule("psnr", target)
+    if folds == 0:
+        margin = predictor.margin(target)
+        return (*choose_rungs(pred, ladder, rule, margin), [margin])
+    fold = np.random.default_rng(0).permutation(len(psnr)) % folds
+    k, missed, margins = np.zeros(len(psnr), np.int64), np.zeros(len(psnr), bool), []
+    for f in range(folds):
+        held = fold == f
+        margins.append(calibrated_margin(pred[~held], psnr[~held], target, predictor.cfg.coverage))
+        k[held], missed[held] = choose_rungs(pred[held], ladder, rule, margins[-1])
+    return k, missed, margins
+
+
+def predictor_points(
+    predictor, tokens, psnr: np.ndarray, ladder: list[int], search: list[dict], calibration_folds: int
+) -> dict:
+    """A length predictor's picks scored on the decoded table [N, L]: per `psnr` search point the threshold rule
+    at the same target (threshold_picks), then the equal-slope rule per LAMBDA."""
     pred = predictor.predict(tokens.cpu())  # [N, L], no decoder call
+    calib = predictor.calib_psnr.double().numpy()
+    if calibration_folds == 0 and calib.shape == psnr.shape and np.allclose(calib, psnr, atol=1e-3):
+        raise SystemExit(
+            "the length predictor was calibrated on these photos: its margins would be judged on their own "
+            "calibration; pass --calibration-folds 5 (cross-fitted margins) or evaluate on other photos"
+        )
     rows = np.arange(len(psnr))
     thresholds, slopes = [], []
-    for point in search:
+    for point in (p for p in search if p["criterion"] == "psnr"):
         target = point["target"]
-        margin = predictor.margin(target)
-        k, predicted_miss = choose_rungs(pred, ladder, Rule("psnr", target), margin)
+        k, predicted_miss, margins = threshold_picks(predictor, pred, psnr, ladder, target, calibration_folds)
+        margin = float(np.mean(margins))
         chosen = psnr[rows, np.searchsorted(ladder, k)]
         met, reachable = chosen >= target, (psnr >= target).any(axis=1)
         thresholds.append({
             "rule": f"psnr:{target:g}",
-            "margin_db": margin,
+            "margin_db": margin,  # the mean over the folds with --calibration-folds
+            "margins_db": margins,
             "mean_tokens": float(k.mean()),
             "mean_psnr": float(chosen.mean()),
             "met": int(met.sum()),
@@ -222,6 +249,13 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="first N photos only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--length-predictor", help="also score this length predictor's picks (zero decodes)")
+    p.add_argument(
+        "--calibration-folds",
+        type=int,
+        default=0,
+        help="K > 0: the predictor's threshold margins cross-fitted K-fold on these photos (for a predictor "
+        "calibrated on them); 0: its own margins (default)",
+    )
     p.add_argument("--table-only", action="store_true", help="only decode every rung and save table.npz")
     p.add_argument(
         "--reuse-table",
@@ -286,7 +320,9 @@ def main() -> None:
     oracle = equal_slope_points(psnr, ladder, SLOPES)
     predicted = None
     if args.length_predictor:
-        predicted = predictor_points(LengthPredictor.load(args.length_predictor), tokens, psnr, ladder, adaptive)
+        predicted = predictor_points(
+            LengthPredictor.load(args.length_predictor), tokens, psnr, ladder, adaptive, args.calibration_folds
+        )
 
     # Fixed k at every rung, then at round(mean tokens) of each other point (same photos, same noise).
     fixed = {k: float(psnr[:, j].mean()) for j, k in enumerate(ladder)}
@@ -342,7 +378,8 @@ def main() -> None:
         "fixed": [{"k": k, "mean_tokens": k, "mean_psnr": v} for k, v in sorted(fixed.items())],
         "adaptive": adaptive,
         "equal_slope_oracle": oracle,
-        "length_predictor": predicted and {"path": args.length_predictor, **predicted},
+        "length_predictor": predicted
+        and {"path": args.length_predictor, "calibration_folds": args.calibration_folds, **predicted},
         "live_search": live,
     }
     if args.inception:

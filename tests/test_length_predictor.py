@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from pipeline.data.length_predictor import (
     predictor_digest,
 )
 from pipeline.data.preprocess import center_crop_adm, decode_image, to_model_input
-from pipeline.train.length_predictor import FitConfig, fit_length_predictor
+from pipeline.train.length_predictor import FitConfig, Table, fit_length_predictor, fit_on_ray_train
 
 LADDER = (1, 2, 4, 8, 16, 32)
 
@@ -79,20 +80,28 @@ def test_slope_takes_the_rung_maximising_psnr_minus_lambda_k():
     assert (choose_rungs(table, LADDER, Rule("psnr-slope", 0.0))[0] >= 16).all()  # free tokens: near the top
 
 
-def test_margin_is_the_smallest_that_makes_the_coverage_meet_the_target():
+def test_margin_is_the_smallest_that_meets_the_conformal_share_of_reachable_photos():
+    """R reachable calibration photos, coverage 0.9: the share must be ceil(0.9 (R + 1)) / R, a little above 0.9."""
     model = tiny_predictor(config())
     pred, true = model.calib_pred.double().numpy(), model.calib_psnr.double().numpy()
     target = float(np.median(true[:, 3]))
     margin = model.margin(target)
     reachable = (true >= target).any(axis=1)
+    need = math.ceil(0.9 * (reachable.sum() + 1)) / reachable.sum()
+    assert 0.9 < need <= 1
 
     def met_share(m: float) -> float:
         k, _ = choose_rungs(pred, LADDER, Rule("psnr", target), m)
         cols = [LADDER.index(int(x)) for x in k]
         return float((true[np.arange(len(true)), cols] >= target)[reachable].mean())
 
-    assert met_share(margin) >= 0.9
-    assert margin == 0 or met_share(margin - 0.05) < 0.9
+    assert met_share(margin) >= need
+    assert margin == 0 or met_share(margin - 0.05) < need
+
+
+def test_margin_is_zero_when_no_calibration_photo_can_meet_the_target():
+    model = tiny_predictor(config())
+    assert model.margin(float(model.calib_psnr.max()) + 1) == 0.0
 
 
 # ------------------------------------------------------------------ model and files
@@ -129,9 +138,45 @@ def test_fit_beats_the_mean_curve_when_quality_depends_on_the_tokens():
     digit = (tokens[:, 0] % 8).astype(np.float64)  # [N] 0..7
     psnr = 10 + digit[:, None] + np.log2(LADDER)[None] * 0.5 + rng.normal(0, 0.1, (120, len(LADDER)))
     cfg = PredictorConfig(ladder=LADDER, num_registers=2, fsq_levels=(8, 5))
-    model, report = fit_length_predictor(tokens, psnr, cfg, FitConfig(steps=300, folds=3))
+    model, report = fit_length_predictor(Table(tokens, psnr), cfg, FitConfig(steps=300, folds=3))
     assert np.mean(report["rmse_out_of_fold_db"]) < 0.5 * np.mean(report["rmse_mean_curve_db"])
     assert model.calib_pred.shape == (120, len(LADDER))
+
+
+def synthetic_table(n: int, seed: int, offset: float = 0.0) -> Table:
+    """2-register tokens; PSNR rises with the first register's first FSQ digit, `offset` dB lower overall."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 40, (n, 2))
+    digit = (tokens[:, 0] % 8).astype(np.float64)
+    psnr = 10 - offset + digit[:, None] + np.log2(LADDER)[None] * 0.5 + rng.normal(0, 0.1, (n, len(LADDER)))
+    return Table(tokens, psnr)
+
+
+def test_a_calibration_table_sets_the_margin_from_photos_the_fit_never_saw():
+    """Photos 1 dB worse than the training photos (as new photos are for a tokenizer that trained on its own):
+    calibrated on them, the margin covers the shift; calibrated out of fold on the training photos, it cannot."""
+    cfg = PredictorConfig(ladder=LADDER, num_registers=2, fsq_levels=(8, 5))
+    fit = FitConfig(steps=300, folds=3)
+    train, unseen = synthetic_table(120, 0), synthetic_table(60, 1, offset=1.0)
+    own, _ = fit_length_predictor(train, cfg, fit)
+    calibrated, report = fit_length_predictor(train, cfg, fit, calibration=unseen)
+    assert np.array_equal(calibrated.calib_pred.numpy(), calibrated.predict(unseen.tokens).astype(np.float32))
+    assert np.array_equal(calibrated.calib_psnr.numpy(), unseen.psnr.astype(np.float32))
+    assert np.mean(report["bias_calibration_db"]) == pytest.approx(1.0, abs=0.2)
+    assert calibrated.margin(14.0) >= own.margin(14.0) + 0.7
+
+
+def test_ray_train_spreads_the_fits_over_workers_and_gives_the_in_process_predictor(ray_session, tmp_path):
+    cfg = PredictorConfig(ladder=LADDER, num_registers=2, fsq_levels=(8, 5))
+    fit = FitConfig(steps=100, folds=3)
+    train, unseen = synthetic_table(60, 0), synthetic_table(30, 1, offset=1.0)
+    local, local_report = fit_length_predictor(train, cfg, fit, calibration=unseen)
+    remote, remote_report = fit_on_ray_train(train, cfg, fit, 2, str(tmp_path), calibration=unseen)
+    tokens = synthetic_table(10, 2).tokens
+    np.testing.assert_allclose(remote.predict(tokens), local.predict(tokens), atol=1e-4)
+    np.testing.assert_allclose(remote_report["rmse_out_of_fold_db"], local_report["rmse_out_of_fold_db"], atol=1e-3)
+    assert remote.cfg == cfg and remote_report["calibration"] == local_report["calibration"]
+    assert (tmp_path / "fit").is_dir()  # Ray Train's run folder, with its checkpoint
 
 
 # ------------------------------------------------------------------ jobs
@@ -150,17 +195,41 @@ def predictor_dir(tiny_model, model_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def test_train_job_writes_a_predictor_for_the_table_and_the_tokenizer(model_dir, tiny_model, tmp_path):
-    rng = np.random.default_rng(0)
+def write_table(path: Path, n: int, seed: int, ladder=LADDER, timesteps: int = 25) -> Path:
+    rng = np.random.default_rng(seed)
     np.savez(
-        tmp_path / "table.npz", tokens=rng.integers(0, 64000, (20, 32)), psnr=curves(20), ladder=np.array(LADDER),
-        timesteps=25, guidance_scale=1.0,
+        path, tokens=rng.integers(0, 64000, (n, 32)), psnr=curves(n, seed)[:, : len(ladder)], ladder=np.array(ladder),
+        timesteps=timesteps, guidance_scale=1.0,
     )  # fmt: skip
-    argv = ["--model", str(model_dir), "--table", str(tmp_path / "table.npz"), "--output", str(tmp_path / "p")]
-    assert train_job.main(argv + ["--steps", "20", "--folds", "2"]) == 0
-    cfg = LengthPredictor.load(tmp_path / "p").cfg
+    return path
+
+
+def test_train_job_writes_a_predictor_for_the_table_and_the_tokenizer(ray_session, model_dir, tiny_model, tmp_path):
+    table, calib = write_table(tmp_path / "table.npz", 20, 0), write_table(tmp_path / "calib.npz", 10, 1)
+    argv = ["--model", str(model_dir), "--table", str(table), "--output", str(tmp_path / "p")]
+    assert train_job.main(argv + ["--steps", "20", "--folds", "2", "--calibration", str(calib)]) == 0
+    predictor = LengthPredictor.load(tmp_path / "p")
+    cfg = predictor.cfg
     assert cfg.ladder == LADDER and cfg.tokenizer_sha256 == read_checkpoint_info(model_dir).digest()
     assert cfg.decoding == "timesteps=25,guidance_scale=1"
+    assert predictor.calib_psnr.shape == (10, len(LADDER))  # the calibration table's photos
+    fit = json.loads((tmp_path / "p" / "fit.json").read_text())
+    assert fit["calibration_table"] == str(calib) and fit["workers"] == 1
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda p: write_table(p, 10, 1, ladder=(1, 2, 4)), "another ladder"),
+        (lambda p: write_table(p, 10, 1, timesteps=10), "decoded with timesteps"),
+        (lambda p: p.with_name("missing.npz"), "not found"),
+    ],
+)
+def test_train_job_refuses_a_calibration_table_that_does_not_match(model_dir, tmp_path, capsys, make, why):
+    table, calib = write_table(tmp_path / "table.npz", 20, 0), make(tmp_path / "calib.npz")
+    argv = ["--model", str(model_dir), "--table", str(table), "--output", str(tmp_path / "p")]
+    assert run_main(train_job.main, argv + ["--calibration", str(calib)]) == 2
+    assert why in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

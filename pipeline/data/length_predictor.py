@@ -10,9 +10,10 @@ monotone by construction (PSNR at the first rung, then non-negative steps), the 
 
 From a predicted curve a rule picks each image's k with zero decodes:
 - `psnr:TARGET`: the smallest rung whose predicted PSNR minus a margin meets the target (the largest rung,
-  counted as missed, when none does). The margin is calibrated per target on the training photos' out-of-fold
-  predictions (kept in the file): the smallest that makes >= `coverage` of the photos that can meet the target
-  at some rung meet it at the chosen k.
+  counted as missed, when none does). The margin is calibrated per target on calibration photos' predicted and
+  decoded curves (kept in the file; photos the tokenizer never trained on, or else the training photos'
+  out-of-fold curves): the smallest that makes >= `coverage` of the photos that can meet the target at some rung
+  meet it at the chosen k, with split conformal prediction's finite-sample correction (calibrated_margin).
 - `psnr-slope:LAMBDA`: the rung maximising predicted PSNR - LAMBDA * k (tokens go where they buy the most dB).
 """
 
@@ -46,7 +47,7 @@ class PredictorConfig:
     fsq_levels: tuple[int, ...]  # that tokenizer's FSQ levels (token id -> codes)
     tokenizer_sha256: str = ""  # flextok.checkpoint digest of that tokenizer ("" = not checked)
     hidden: int = 32  # MLP width; 0: a linear head on the codes
-    coverage: float = 0.9  # psnr:TARGET margin: share of reachable training photos that must meet the target
+    coverage: float = 0.9  # psnr:TARGET margin: share of reachable photos that must meet the target
     decoding: str = ""  # decoder settings of the training curves, e.g. "timesteps=25,guidance_scale=1"
 
 
@@ -90,7 +91,7 @@ class LengthPredictor(nn.Module):
         else:
             self.head = nn.Sequential(nn.Linear(d, L))
         self.register_buffer("offset", torch.zeros(L))  # [L] first-rung PSNR and step sizes of the mean curve
-        # Out-of-fold predictions and true PSNR of the training photos, [N, L] each: the threshold's calibration.
+        # Predicted and decoded PSNR of the calibration photos, [M, L] each: the threshold's calibration.
         self.register_buffer("calib_pred", torch.zeros(0, L))
         self.register_buffer("calib_psnr", torch.zeros(0, L))
 
@@ -116,18 +117,9 @@ class LengthPredictor(nn.Module):
 
     # ------------------------------------------------------------------ choosing k
     def margin(self, target: float) -> float:
-        """The smallest margin (dB, 0.05 steps) that makes >= coverage of the calibration photos that can meet
-        the target meet it at the chosen rung; the largest tried (20 dB) when none does."""
+        """The threshold margin (dB) for `target` from the calibration curves (calibrated_margin)."""
         pred, true = self.calib_pred.double().numpy(), self.calib_psnr.double().numpy()
-        reachable = (true >= target).any(axis=1)
-        if not reachable.any():
-            return 0.0
-        rows = np.arange(len(true))
-        for margin in np.arange(0.0, 20.0 + 1e-9, 0.05):
-            cols = threshold_rungs(pred - margin, target)
-            if (true[rows, cols] >= target)[reachable].mean() >= self.cfg.coverage:
-                return float(margin)
-        return 20.0
+        return calibrated_margin(pred, true, target, self.cfg.coverage)
 
     def choose(self, tokens, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
         """tokens [N, n] -> (k [N] int64 on the ladder, predicted miss [N] bool) with zero decodes."""
@@ -177,6 +169,25 @@ def predictor_digest(folder: str | Path) -> str:
     for name in (CONFIG, WEIGHTS):
         h.update((Path(folder) / name).read_bytes())
     return h.hexdigest()
+
+
+def calibrated_margin(pred: np.ndarray, true: np.ndarray, target: float, coverage: float) -> float:
+    """Calibration photos' predicted and decoded curves [M, L] -> the smallest margin (dB, 0.05 steps) that makes
+    the photos that can meet the target (at some rung) meet it at the rung the threshold rule picks, in a share
+    of at least min(1, ceil((R + 1) * coverage) / R) of those R photos: split conformal prediction's finite-sample
+    correction, so that on new photos like these the share is at least `coverage` in expectation (the plain share
+    fell short by 2-5 points on held-out photos, docs/adaptive.md). 0 when no photo can; 20 dB when none does."""
+    reachable = (true >= target).any(axis=1)
+    r = int(reachable.sum())
+    if r == 0:
+        return 0.0
+    need = min(1.0, math.ceil((r + 1) * coverage - 1e-9) / r)
+    rows = np.arange(len(true))
+    for margin in np.arange(0.0, 20.0 + 1e-9, 0.05):
+        cols = threshold_rungs(pred - margin, target)
+        if (true[rows, cols] >= target)[reachable].mean() >= need - 1e-12:
+            return float(round(margin, 2))
+    return 20.0
 
 
 def threshold_rungs(curve: np.ndarray, target: float) -> np.ndarray:
