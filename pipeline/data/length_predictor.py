@@ -112,7 +112,8 @@ class LengthPredictor(nn.Module):
     @torch.no_grad()
     def predict(self, tokens: torch.Tensor | np.ndarray) -> np.ndarray:
         """tokens [N, n] -> predicted PSNR [N, L] (numpy, float64)."""
-        tokens = torch.as_tensor(np.asarray(tokens, np.int64) if isinstance(tokens, np.ndarray) else tokens)
+        # np.array copies: arrays Ray hands a worker are read-only, which torch warns about
+        tokens = torch.as_tensor(np.array(tokens, np.int64) if isinstance(tokens, np.ndarray) else tokens)
         return self.eval()(tokens.cpu().long()).double().numpy()
 
     # ------------------------------------------------------------------ choosing k
