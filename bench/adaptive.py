@@ -263,6 +263,8 @@ def main() -> None:
         help="take step 1 from OUTPUT/table.npz when it holds the same photos, ladder, seeds and decoding",
     )
     args = p.parse_args()
+    if args.calibration_folds < 0 or args.calibration_folds == 1:
+        p.error("--calibration-folds: 0 (the predictor's own margins) or K >= 2")
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
