@@ -416,6 +416,7 @@ def main() -> int:
         if corpus_rows:
             from bench.corpus import corpus_bench
 
+            tracemalloc.stop()  # tracing every allocation slowed the readers 2-3x (docs/performance.md)
             corpus_bench(corpus_rows, work)
         sampler.stop()
     ray.shutdown()
