@@ -1,7 +1,8 @@
 """Fit a length predictor (pipeline.data.length_predictor) to decoded quality curves, on Ray Train.
 
-    predictor, report = fit_on_ray_train(tokens, psnr, cfg, FitConfig(), workers=2, storage="/tmp/runs")
-    predictor, report = fit_length_predictor(tokens, psnr, cfg, FitConfig())        # the same fits, in process
+    train = Table(tokens, psnr)                                    # tokens [N, n], PSNR per rung [N, L]
+    predictor, report = fit_on_ray_train(train, cfg, FitConfig(), workers=2, storage="/tmp/runs")
+    predictor, report = fit_length_predictor(train, cfg, FitConfig())       # the same fits, in process
 
 The data is small (one row per training photo: its tokens [n] and its PSNR at every rung [L]), so each fit is
 `steps` full-batch Adam steps on the mean squared error in dB plus `l2` times the squared head weights (ridge:
