@@ -15,7 +15,8 @@
 `--length-predictor PATH` also scores a length predictor's picks (zero decodes) on the decoded table: for each
 target its threshold rule (calibrated margin), and its equal-slope rule for a few LAMBDAs, each against the
 search and against fixed k at equal mean tokens. A predictor calibrated on these very photos needs
-`--calibration-folds 5`: each fold's margins are then set on the other folds' curves.
+`--calibration-folds 5`: each fold's margins are then set on the other folds' curves, and the figures are
+averaged over `--calibration-splits` (20) random assignments of photos to folds (their range is reported too).
 
 `--table-only` stops after step 1 and saves the table (`table.npz`: files, tokens, ladder, psnr), the training
 data of the length predictor (jobs/train_length_predictor.py):
@@ -72,13 +73,17 @@ def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
     return search_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
 
 
-def same_table(path: Path, files: list[str], ladder: list[int], seeds: list[int], dec: Decoding) -> bool:
-    """Whether a saved table.npz was decoded for these photos, rungs, seeds and decoder settings."""
+def same_table(
+    path: Path, files: list[str], ladder: list[int], seeds: list[int], dec: Decoding, inception: bool = False
+) -> bool:
+    """Whether a saved table.npz was decoded for these photos, rungs, seeds and decoder settings (and holds the
+    Inception distances when `inception`)."""
     if not path.is_file():
         return False
     saved = np.load(path)
     return (
-        saved["files"].tolist() == files
+        (not inception or "inception" in saved.files)
+        and saved["files"].tolist() == files
         and saved["ladder"].tolist() == ladder
         and saved["seeds"].tolist() == seeds
         and (int(saved["timesteps"]), float(saved["guidance_scale"])) == (dec.timesteps, dec.guidance_scale)
@@ -123,15 +128,16 @@ def equal_slope_points(psnr: np.ndarray, ladder: list[int], lambdas: list[float]
     return points
 
 
-def threshold_picks(predictor, pred: np.ndarray, psnr: np.ndarray, ladder, target: float, folds: int):
+def threshold_picks(predictor, pred: np.ndarray, psnr: np.ndarray, ladder, target: float, folds: int, split: int):
     """The threshold rule's (k [N], predicted miss [N], margins) on these photos. folds = 0: the predictor's own
     margin (its calibration photos must be other photos); folds = K: cross-fitted calibration on these photos,
-    each fold's margin set on the other folds' predicted and decoded curves (no photo's k sees its own curve)."""
+    each fold's margin set on the other folds' predicted and decoded curves (no photo's k sees its own curve);
+    `split` seeds the random assignment of photos to folds."""
     rule = Rule("psnr", target)
     if folds == 0:
         margin = predictor.margin(target)
         return (*choose_rungs(pred, ladder, rule, margin), [margin])
-    fold = np.random.default_rng(0).permutation(len(psnr)) % folds
+    fold = np.random.default_rng(split).permutation(len(psnr)) % folds
     k, missed, margins = np.zeros(len(psnr), np.int64), np.zeros(len(psnr), bool), []
     for f in range(folds):
         held = fold == f
@@ -141,10 +147,11 @@ def threshold_picks(predictor, pred: np.ndarray, psnr: np.ndarray, ladder, targe
 
 
 def predictor_points(
-    predictor, tokens, psnr: np.ndarray, ladder: list[int], search: list[dict], calibration_folds: int
+    predictor, tokens, psnr: np.ndarray, ladder: list[int], search: list[dict], calibration_folds: int, splits: int
 ) -> dict:
     """A length predictor's picks scored on the decoded table [N, L]: per `psnr` search point the threshold rule
-    at the same target (threshold_picks), then the equal-slope rule per LAMBDA."""
+    at the same target (threshold_picks; with cross-fitting, averaged over `splits` random fold assignments, as
+    one split's figures move by a photo or two), then the equal-slope rule per LAMBDA."""
     pred = predictor.predict(tokens.cpu())  # [N, L], no decoder call
     calib = predictor.calib_psnr.double().numpy()
     if calibration_folds == 0 and calib.shape == psnr.shape and np.allclose(calib, psnr, atol=1e-3):
@@ -156,25 +163,53 @@ def predictor_points(
     thresholds, slopes = [], []
     for point in (p for p in search if p["criterion"] == "psnr"):
         target = point["target"]
-        k, predicted_miss, margins = threshold_picks(predictor, pred, psnr, ladder, target, calibration_folds)
-        margin = float(np.mean(margins))
-        chosen = psnr[rows, np.searchsorted(ladder, k)]
-        met, reachable = chosen >= target, (psnr >= target).any(axis=1)
+        reachable = (psnr >= target).any(axis=1)  # [N] photos that meet the target at some rung
+        per_split = []
+        for split in range(splits if calibration_folds else 1):
+            k, predicted_miss, margins = threshold_picks(
+                predictor, pred, psnr, ladder, target, calibration_folds, split
+            )
+            chosen = psnr[rows, np.searchsorted(ladder, k)]
+            met = chosen >= target
+            per_split.append({
+                "margins_db": margins,
+                "mean_tokens": float(k.mean()),
+                "mean_psnr": float(chosen.mean()),
+                "met": int(met.sum()),
+                "met_of_reachable": float(met[reachable].mean()) if reachable.any() else 1.0,
+                "predicted_miss": int(predicted_miss.sum()),
+                "k_histogram": {int(r): int((k == r).sum()) for r in ladder},
+            })  # fmt: skip
+        mean = lambda key, runs=per_split: float(np.mean([s[key] for s in runs]))  # noqa: E731
+        share = [s["met_of_reachable"] for s in per_split]
+        ratios = [s["mean_tokens"] / point["mean_tokens"] for s in per_split]
         thresholds.append({
             "rule": f"psnr:{target:g}",
-            "margin_db": margin,  # the mean over the folds with --calibration-folds
-            "margins_db": margins,
-            "mean_tokens": float(k.mean()),
-            "mean_psnr": float(chosen.mean()),
-            "met": int(met.sum()),
+            "margin_db": float(np.mean([np.mean(s["margins_db"]) for s in per_split])),
+            "margins_db": sorted({m for s in per_split for m in s["margins_db"]}),
+            "mean_tokens": mean("mean_tokens"),
+            "mean_psnr": mean("mean_psnr"),
+            "met": mean("met"),  # averaged over the splits
             "reachable": int(reachable.sum()),
-            "met_of_reachable": float(met[reachable].mean()) if reachable.any() else 1.0,
-            "predicted_miss": int(predicted_miss.sum()),
+            "met_of_reachable": mean("met_of_reachable"),
+            "met_of_reachable_range": [min(share), max(share)],
+            "predicted_miss": mean("predicted_miss"),
             "search_met": len(psnr) - point["missed"],
             "search_mean_tokens": point["mean_tokens"],
-            "tokens_ratio_vs_search": float(k.mean() / point["mean_tokens"]),
-            "k_histogram": {int(r): int((k == r).sum()) for r in ladder},
+            "tokens_ratio_vs_search": mean("mean_tokens") / point["mean_tokens"],
+            "tokens_ratio_range": [min(ratios), max(ratios)],
+            "splits": per_split,
         })  # fmt: skip
+    if thresholds:
+        met = np.array([[s["met"] for s in t["splits"]] for t in thresholds]).sum(0)  # [splits] over targets
+        tok = np.array([[s["mean_tokens"] for s in t["splits"]] for t in thresholds]).sum(0)
+        reach, search_tok = sum(t["reachable"] for t in thresholds), sum(t["search_mean_tokens"] for t in thresholds)
+        pooled = {
+            "met_of_reachable": float((met / reach).mean()),
+            "met_of_reachable_range": [float((met / reach).min()), float((met / reach).max())],
+            "tokens_ratio_vs_search": float((tok / search_tok).mean()),
+            "tokens_ratio_range": [float((tok / search_tok).min()), float((tok / search_tok).max())],
+        }
     for lam in SLOPES:
         k, _ = choose_rungs(pred, ladder, Rule("psnr-slope", lam))
         chosen = psnr[rows, np.searchsorted(ladder, k)]
@@ -185,7 +220,9 @@ def predictor_points(
     return {
         "rmse_db": np.sqrt((err**2).mean(axis=0)).round(3).tolist(),
         "bias_db": err.mean(axis=0).round(3).tolist(),  # predicted - decoded, per rung
+        "splits": splits if calibration_folds else 1,
         "threshold": thresholds,
+        "threshold_pooled": pooled if thresholds else None,
         "slope": slopes,
     }
 
@@ -256,6 +293,12 @@ def main() -> None:
         help="K > 0: the predictor's threshold margins cross-fitted K-fold on these photos (for a predictor "
         "calibrated on them); 0: its own margins (default)",
     )
+    p.add_argument(
+        "--calibration-splits",
+        type=int,
+        default=20,
+        help="with --calibration-folds: average the threshold figures over this many random fold assignments",
+    )
     p.add_argument("--table-only", action="store_true", help="only decode every rung and save table.npz")
     p.add_argument(
         "--reuse-table",
@@ -265,6 +308,8 @@ def main() -> None:
     args = p.parse_args()
     if args.calibration_folds < 0 or args.calibration_folds == 1:
         p.error("--calibration-folds: 0 (the predictor's own margins) or K >= 2")
+    if args.calibration_splits < 1:
+        p.error("--calibration-splits must be >= 1")
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -281,9 +326,10 @@ def main() -> None:
     with open(args.list, newline="") as f:
         files = [row["file"] for row in csv.DictReader(f)][: len(photos)]
     start = time.perf_counter()
-    if args.reuse_table and not args.inception and same_table(out / "table.npz", files, ladder, seeds, dec):
+    if args.reuse_table and same_table(out / "table.npz", files, ladder, seeds, dec, bool(args.inception)):
         saved = np.load(out / "table.npz")
         tokens, psnr = torch.as_tensor(saved["tokens"]).to(model.device), saved["psnr"]
+        tables = [psnr] + ([saved["inception"]] if args.inception else [])
         print(f"every rung: reused {out / 'table.npz'}")
     else:
         log = lambda m: print(m, flush=True)  # noqa: E731
@@ -296,6 +342,7 @@ def main() -> None:
         tokens=tokens.cpu().numpy().astype(np.int64),  # [N, registers]
         ladder=np.array(ladder),
         psnr=psnr,  # [N, L] dB at every rung
+        **({"inception": tables[1]} if args.inception else {}),  # [N, L] Inception cosine distance
         seeds=np.array(seeds),
         timesteps=args.timesteps,
         guidance_scale=args.guidance_scale,
@@ -318,16 +365,27 @@ def main() -> None:
     for c in criteria:
         table = psnr if c.score_name == "psnr" else tables[1]
         adaptive.append(adaptive_point(psnr, table, ladder, c))
+        if args.inception:  # the chosen reconstructions' Inception distance, for every criterion
+            cols = np.searchsorted(ladder, adaptive[-1]["k"])
+            adaptive[-1]["mean_inception"] = float(tables[1][np.arange(len(photos)), cols].mean())
 
     oracle = equal_slope_points(psnr, ladder, SLOPES)
     predicted = None
     if args.length_predictor:
         predicted = predictor_points(
-            LengthPredictor.load(args.length_predictor), tokens, psnr, ladder, adaptive, args.calibration_folds
+            LengthPredictor.load(args.length_predictor),
+            tokens,
+            psnr,
+            ladder,
+            adaptive,
+            args.calibration_folds,
+            args.calibration_splits,
         )
 
     # Fixed k at every rung, then at round(mean tokens) of each other point (same photos, same noise).
     fixed = {k: float(psnr[:, j].mean()) for j, k in enumerate(ladder)}
+    fixed_inception = {k: float(tables[1][:, j].mean()) for j, k in enumerate(ladder)} if args.inception else {}
+    inception_refs = scorers[1].prepare(photos) if args.inception else None
     noise = image_noise(model, seeds)
     idx = np.arange(len(photos))
     others = oracle + (predicted["threshold"] + predicted["slope"] if predicted else [])
@@ -336,9 +394,13 @@ def main() -> None:
         if k not in fixed:
             recon = decode_prefixes(model, tokens, idx, np.full(len(photos), k), noise, dec)
             fixed[k] = float(PSNRScorer()(photos, recon).mean())
+            if args.inception:
+                fixed_inception[k] = float(scorers[1](inception_refs, recon).mean())
         point["fixed_k_equal_tokens"] = k
         point["fixed_psnr_equal_tokens"] = fixed[k]
         point["gain_db_vs_fixed_equal_tokens"] = point["mean_psnr"] - fixed[k]
+        if "mean_inception" in point:
+            point["fixed_inception_equal_tokens"] = fixed_inception[k]
     for point in adaptive:
         point["gap_db_vs_fixed_max"] = fixed[ladder[-1]] - point["mean_psnr"]
         point["tokens_ratio_vs_fixed_max"] = point["mean_tokens"] / ladder[-1]
@@ -351,8 +413,11 @@ def main() -> None:
         else:
             crit = parse_adaptive(args.live if ":" in args.live else f"psnr:{args.live}")
         t0 = time.perf_counter()
-        _, result = search_lengths(model, photos, crit, ladder, PSNRScorer(), seeds, dec, tokens=tokens)
-        replayed = replay(psnr, ladder, crit)
+        if crit.score_name == "inception" and not args.inception:
+            raise SystemExit("--live inception:... needs --inception (the Inception table to compare with)")
+        scorer, table = (scorers[1], tables[1]) if crit.score_name == "inception" else (PSNRScorer(), psnr)
+        _, result = search_lengths(model, photos, crit, ladder, scorer, seeds, dec, tokens=tokens)
+        replayed = replay(table, ladder, crit)
         live = {
             "target": str(crit),
             "seconds": time.perf_counter() - t0,
@@ -377,7 +442,15 @@ def main() -> None:
             "drop_over_0.5dB": int(non_monotone(psnr, Criterion("psnr", 0), 0.5).sum()),
         },
         "psnr_table": np.round(psnr, 3).tolist(),
-        "fixed": [{"k": k, "mean_tokens": k, "mean_psnr": v} for k, v in sorted(fixed.items())],
+        "fixed": [
+            {
+                "k": k,
+                "mean_tokens": k,
+                "mean_psnr": v,
+                **({"mean_inception": fixed_inception[k]} if args.inception else {}),
+            }
+            for k, v in sorted(fixed.items())
+        ],
         "adaptive": adaptive,
         "equal_slope_oracle": oracle,
         "length_predictor": predicted
@@ -395,20 +468,27 @@ def main() -> None:
     )
     nm = results["non_monotone_psnr"]
     print(f"PSNR not monotone in k: {nm['any_drop']}/{len(photos)} photos ({nm['drop_over_0.5dB']} by > 0.5 dB)")
-    print("| fixed k | mean PSNR |\n|---:|---:|")
+    inc = " Inception distance |" if args.inception else ""
+    print(f"| fixed k | mean PSNR |{inc}\n|---:|---:|" + ("---:|" if args.inception else ""))
     for r in results["fixed"]:
-        print(f"| {r['k']} | {r['mean_psnr']:.2f} |")
+        print(f"| {r['k']} | {r['mean_psnr']:.2f} |" + (f" {r['mean_inception']:.4f} |" if args.inception else ""))
     print(
         "\n| target | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR | search - fixed | missed | "
         "decodes max (bound) | differs from exhaustive | goal |"
+        + (" mean Inception distance | fixed k's |" if args.inception else "")
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.inception else ""))
     for a in adaptive:
         print(
             f"| {a['criterion']}:{a['target']:g} | {a['mean_tokens']:.2f} | {a['mean_psnr']:.2f} | "
             f"{a['fixed_k_equal_tokens']} | {a['fixed_psnr_equal_tokens']:.2f} | "
             f"{a['gain_db_vs_fixed_equal_tokens']:+.2f} | {a['missed']} | {a['decodes_max']} ({a['decode_bound']}) | "
             f"{a['differs_from_exhaustive']} | {'yes' if a['goal_met'] else 'no'} |"
+            + (
+                f" {a['mean_inception']:.4f} | {a['fixed_inception_equal_tokens']:.4f} |"
+                if "mean_inception" in a
+                else ""
+            )
         )
     print(
         "\n| equal-slope oracle | mean tokens | mean PSNR | fixed k (equal tokens) | its PSNR |\n"
@@ -430,8 +510,19 @@ def main() -> None:
         for t in predicted["threshold"]:
             print(
                 f"| {t['rule']} | {t['margin_db']:.2f} | {t['mean_tokens']:.2f} | {t['search_mean_tokens']:.2f} | "
-                f"{t['tokens_ratio_vs_search']:.2f} | {t['met']}/{t['reachable']} | {t['search_met']} | "
+                f"{t['tokens_ratio_vs_search']:.2f} "
+                f"({t['tokens_ratio_range'][0]:.2f}-{t['tokens_ratio_range'][1]:.2f}) | "
+                f"{t['met']:.1f}/{t['reachable']} ({t['met_of_reachable']:.1%}; "
+                f"{t['met_of_reachable_range'][0]:.0%}-{t['met_of_reachable_range'][1]:.0%}) | {t['search_met']} | "
                 f"{t['mean_psnr']:.2f} | {t['fixed_k_equal_tokens']} | {t['fixed_psnr_equal_tokens']:.2f} |"
+            )
+        pooled = predicted["threshold_pooled"]
+        if pooled:
+            print(
+                f"| pooled over targets ({predicted['splits']} fold splits) | | | | "
+                f"{pooled['tokens_ratio_vs_search']:.3f} ({pooled['tokens_ratio_range'][0]:.3f}-"
+                f"{pooled['tokens_ratio_range'][1]:.3f}) | {pooled['met_of_reachable']:.1%} "
+                f"({pooled['met_of_reachable_range'][0]:.1%}-{pooled['met_of_reachable_range'][1]:.1%}) | | | | |"
             )
         for t in predicted["slope"]:
             print(
