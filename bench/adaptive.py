@@ -58,11 +58,8 @@ from pipeline.data.adaptive import (  # noqa: E402
     search_lengths,
     smallest_meeting,
 )
-
-sys.path.insert(0, str(REPO / "bench"))
-from small_model import load_photos  # noqa: E402
-
 from pipeline.data.length_predictor import LengthPredictor, Rule, calibrated_margin, choose_rungs  # noqa: E402
+from pipeline.data.preprocess import AUGMENT_MODES, augmented_views, decode_image, to_rgb  # noqa: E402
 
 SLOPES = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]  # LAMBDAs (dB per token) of the equal-slope points
 
@@ -73,16 +70,36 @@ def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
     return search_ladder(len(table), ladder, criterion, lambda idx, ks: table[idx, [column[int(k)] for k in ks]])
 
 
+def load_views(folder: Path, names: list[str], resolution: int, views: tuple[int, ...]):
+    """Each photo's views (augmentation ids, pipeline.data.preprocess numbering; 0 = the ADM center crop):
+    (uint8 [N, R, R, 3] with N = photos x views, photo index [N], augmentation id [N])."""
+    rows, groups, augs = [], [], []
+    for i, name in enumerate(names):
+        img = to_rgb(decode_image((folder / name).read_bytes()))
+        rows += augmented_views(img, resolution, views)
+        groups += [i] * len(views)
+        augs += list(views)
+    return np.stack(rows), groups, augs
+
+
 def same_table(
-    path: Path, files: list[str], ladder: list[int], seeds: list[int], dec: Decoding, inception: bool = False
+    path: Path,
+    files: list[str],
+    augs: list[int],
+    ladder: list[int],
+    seeds: list[int],
+    dec: Decoding,
+    inception: bool = False,
 ) -> bool:
-    """Whether a saved table.npz was decoded for these photos, rungs, seeds and decoder settings (and holds the
-    Inception distances when `inception`)."""
+    """Whether a saved table.npz was decoded for these photos and views, rungs, seeds and decoder settings (and
+    holds the Inception distances when `inception`)."""
     if not path.is_file():
         return False
     saved = np.load(path)
+    saved_augs = saved["augs"].tolist() if "augs" in saved.files else [0] * len(saved["files"])
     return (
         (not inception or "inception" in saved.files)
+        and saved_augs == augs
         and saved["files"].tolist() == files
         and saved["ladder"].tolist() == ladder
         and saved["seeds"].tolist() == seeds
@@ -299,6 +316,12 @@ def main() -> None:
         default=20,
         help="with --calibration-folds: average the threshold figures over this many random fold assignments",
     )
+    p.add_argument(
+        "--views",
+        default="0",
+        help="augmentation ids per photo, one table row each (pipeline.data.preprocess numbering: 0 the center "
+        "crop, 2-6 the ten-crop crops); default 0. The length predictor's training table: 0,2,3,4,5,6",
+    )
     p.add_argument("--table-only", action="store_true", help="only decode every rung and save table.npz")
     p.add_argument(
         "--reuse-table",
@@ -310,23 +333,30 @@ def main() -> None:
         p.error("--calibration-folds: 0 (the predictor's own margins) or K >= 2")
     if args.calibration_splits < 1:
         p.error("--calibration-splits must be >= 1")
+    try:
+        views = tuple(int(v) for v in args.views.split(","))
+    except ValueError:
+        p.error(f"--views {args.views!r}: comma-separated augmentation ids")
+    if not views or len(set(views)) != len(views) or not set(views) <= {0, 1, *AUGMENT_MODES["tencrop"]}:
+        p.error(f"--views {args.views!r}: distinct augmentation ids in 0..11")
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = FlexTok.from_pretrained(args.model, map_location=device).float().eval()
-    photos = load_photos(Path(args.images), Path(args.list), model.cfg.image_size, args.limit)
+    with open(args.list, newline="") as f:
+        names = [row["file"] for row in csv.DictReader(f)][: args.limit]
+    photos, groups, augs = load_views(Path(args.images), names, model.cfg.image_size, views)  # one row per view
+    files = [names[g] for g in groups]
     ladder = parse_ladder(args.ladder, model.num_registers)
     dec = Decoding(timesteps=args.timesteps, guidance_scale=args.guidance_scale)
-    seeds = [args.seed + i for i in range(len(photos))]
+    seeds = [args.seed + g for g in groups]  # a photo's views decode from its noise
     scorers = [PSNRScorer()]
     if args.inception:
         scorers.append(make_scorer(Criterion("inception", 0.0), device=device))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    with open(args.list, newline="") as f:
-        files = [row["file"] for row in csv.DictReader(f)][: len(photos)]
     start = time.perf_counter()
-    if args.reuse_table and same_table(out / "table.npz", files, ladder, seeds, dec, bool(args.inception)):
+    if args.reuse_table and same_table(out / "table.npz", files, augs, ladder, seeds, dec, bool(args.inception)):
         saved = np.load(out / "table.npz")
         tokens, psnr = torch.as_tensor(saved["tokens"]).to(model.device), saved["psnr"]
         tables = [psnr] + ([saved["inception"]] if args.inception else [])
@@ -338,7 +368,9 @@ def main() -> None:
         print(f"every rung decoded in {time.perf_counter() - start:.0f} s")
     np.savez(
         out / "table.npz",
-        files=np.array(files),
+        files=np.array(files),  # [N] a row's photo
+        augs=np.array(augs),  # [N] its view (augmentation id)
+        groups=np.array(groups),  # [N] its photo's index: rows of one photo share a cross-fitting fold
         tokens=tokens.cpu().numpy().astype(np.int64),  # [N, registers]
         ladder=np.array(ladder),
         psnr=psnr,  # [N, L] dB at every rung

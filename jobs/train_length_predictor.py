@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Ray Train CPU workers the fits are spread over (1)")
     p.add_argument("--hidden", type=int, default=32, help="MLP width (default 32); 0: a linear head")
     p.add_argument("--coverage", type=float, default=0.9, help="psnr:TARGET margin's share of photos (0.9)")
-    p.add_argument("--steps", type=int, default=1500, help="full-batch AdamW steps (default 1500)")
+    p.add_argument("--steps", type=int, default=1500, help="full-batch Adam steps (default 1500)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--l2", type=float, default=0.1, help="penalty on the head's squared weights (default 0.1)")
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the calibration curves (5)")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--model {args.model}: {e}")
     table = read_table(args.table, "--table")
     ladder = [int(k) for k in table["ladder"]]
-    train = Table(table["tokens"], table["psnr"])
+    train = Table(table["tokens"], table["psnr"], table["groups"] if "groups" in table.files else None)
     if train.tokens.shape[1] != info.cfg.num_registers or ladder[-1] > info.cfg.num_registers:
         n, registers = train.tokens.shape[1], info.cfg.num_registers
         fail(f"--table {args.table}: {n} tokens per photo, the model makes {registers}")
@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     predictor.save(output)
     report = {"table": args.table, "calibration_table": args.calibration, "workers": args.workers, **report}
     (output / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"length predictor: {report['photos']} photos, ladder {ladder}, {args.workers} Ray Train worker(s)")
+    print(
+        f"length predictor: {report['photos']} photos ({report['rows']} rows), ladder {ladder}, "
+        f"{args.workers} Ray Train worker(s)"
+    )
     print(f"  calibration: {report['calibration']}")
     for name in ("rmse_in_sample_db", "rmse_out_of_fold_db", "rmse_mean_curve_db", "rmse_calibration_db"):
         if name in report:

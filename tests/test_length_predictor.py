@@ -27,7 +27,13 @@ from pipeline.data.length_predictor import (
     predictor_digest,
 )
 from pipeline.data.preprocess import center_crop_adm, decode_image, to_model_input
-from pipeline.train.length_predictor import FitConfig, Table, fit_length_predictor, fit_on_ray_train
+from pipeline.train.length_predictor import (
+    FitConfig,
+    Table,
+    fit_length_predictor,
+    fit_on_ray_train,
+    fold_of_each_row,
+)
 
 LADDER = (1, 2, 4, 8, 16, 32)
 
@@ -166,6 +172,17 @@ def test_a_calibration_table_sets_the_margin_from_photos_the_fit_never_saw():
     assert calibrated.margin(14.0) >= own.margin(14.0) + 0.7
 
 
+def test_a_photos_views_share_a_cross_fitting_fold():
+    """Rows that are views (crops) of one photo land in one fold, so no photo is predicted out of fold from a
+    model that saw another view of it; every fold gets photos."""
+    groups = np.repeat(np.arange(30), 4)  # 30 photos, 4 views each
+    table = Table(np.zeros((120, 2), np.int64), np.zeros((120, len(LADDER))), groups)
+    folds = fold_of_each_row(table, FitConfig(folds=3))
+    for photo in range(30):
+        assert len(set(folds[groups == photo])) == 1
+    assert sorted(np.bincount(folds)) == [40, 40, 40] and table.photos == 30
+
+
 def test_ray_train_spreads_the_fits_over_workers_and_gives_the_in_process_predictor(ray_session, tmp_path):
     cfg = PredictorConfig(ladder=LADDER, num_registers=2, fsq_levels=(8, 5))
     fit = FitConfig(steps=100, folds=3)
@@ -195,11 +212,12 @@ def predictor_dir(tiny_model, model_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def write_table(path: Path, n: int, seed: int, ladder=LADDER, timesteps: int = 25) -> Path:
+def write_table(path: Path, n: int, seed: int, ladder=LADDER, timesteps: int = 25, views: int = 1) -> Path:
+    """A bench/adaptive.py table.npz of n rows: n / views photos with `views` rows each."""
     rng = np.random.default_rng(seed)
     np.savez(
         path, tokens=rng.integers(0, 64000, (n, 32)), psnr=curves(n, seed)[:, : len(ladder)], ladder=np.array(ladder),
-        timesteps=timesteps, guidance_scale=1.0,
+        timesteps=timesteps, guidance_scale=1.0, groups=np.arange(n) // views,
     )  # fmt: skip
     return path
 
@@ -215,6 +233,14 @@ def test_train_job_writes_a_predictor_for_the_table_and_the_tokenizer(ray_sessio
     assert predictor.calib_psnr.shape == (10, len(LADDER))  # the calibration table's photos
     fit = json.loads((tmp_path / "p" / "fit.json").read_text())
     assert fit["calibration_table"] == str(calib) and fit["workers"] == 1
+
+
+def test_train_job_counts_photos_by_the_tables_groups(ray_session, model_dir, tmp_path):
+    table = write_table(tmp_path / "table.npz", 24, 0, views=3)  # 8 photos, 3 views each
+    argv = ["--model", str(model_dir), "--table", str(table), "--output", str(tmp_path / "p")]
+    assert train_job.main(argv + ["--steps", "5", "--folds", "2"]) == 0
+    fit = json.loads((tmp_path / "p" / "fit.json").read_text())
+    assert (fit["photos"], fit["rows"]) == (8, 24)
 
 
 @pytest.mark.parametrize(

@@ -46,10 +46,17 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class Table:
-    """Photos' tokens [N, n] (int) and their decoded PSNR at every ladder rung [N, L] (dB)."""
+    """Rows' tokens [N, n] (int) and their decoded PSNR at every ladder rung [N, L] (dB). A row is a photo or one
+    view of it (a crop); `groups` [N] names each row's photo, so that a photo's views share a cross-fitting fold
+    (None: every row its own photo)."""
 
     tokens: np.ndarray
     psnr: np.ndarray
+    groups: np.ndarray | None = None
+
+    @property
+    def photos(self) -> int:
+        return len(self.psnr) if self.groups is None else len(np.unique(self.groups))
 
 
 def fit_once(tokens: torch.Tensor, psnr: torch.Tensor, cfg: PredictorConfig, fit: FitConfig) -> LengthPredictor:
@@ -68,9 +75,11 @@ def fit_once(tokens: torch.Tensor, psnr: torch.Tensor, cfg: PredictorConfig, fit
     return model.eval()
 
 
-def fold_of_each_photo(n: int, fit: FitConfig) -> np.ndarray:
-    """[n] the cross-fitting fold of each photo (seeded)."""
-    return np.random.default_rng(fit.seed).permutation(n) % fit.folds
+def fold_of_each_row(train: Table, fit: FitConfig) -> np.ndarray:
+    """[N] the cross-fitting fold of each row (seeded): photos are dealt to folds, a photo's rows follow it."""
+    groups = np.arange(len(train.psnr)) if train.groups is None else np.asarray(train.groups)
+    photos, row_photo = np.unique(groups, return_inverse=True)  # row_photo [N] in 0..P-1
+    return (np.random.default_rng(fit.seed).permutation(len(photos)) % fit.folds)[row_photo]
 
 
 def fit_part(train: Table, part: int, cfg: PredictorConfig, fit: FitConfig) -> Any:
@@ -80,7 +89,7 @@ def fit_part(train: Table, part: int, cfg: PredictorConfig, fit: FitConfig) -> A
     y = torch.tensor(np.asarray(train.psnr), dtype=torch.float32)
     if part == fit.folds:
         return fit_once(x, y, cfg, fit).state_dict()
-    held = torch.as_tensor(fold_of_each_photo(len(x), fit) == part)
+    held = torch.as_tensor(fold_of_each_row(train, fit) == part)
     return fit_once(x[~held], y[~held], cfg, fit).predict(x[held])
 
 
@@ -90,7 +99,7 @@ def assemble(
     """The fits' results -> (predictor with its calibration curves, a report: RMSE per rung in dB, in sample,
     out of fold, the mean curve's for comparison, and on the calibration photos when given)."""
     truth = np.asarray(train.psnr, np.float64)
-    folds = fold_of_each_photo(len(truth), fit)
+    folds = fold_of_each_row(train, fit)
     oof = np.zeros(truth.shape)  # [N, L]
     for f in range(fit.folds):
         oof[folds == f] = parts[f]
@@ -102,14 +111,15 @@ def assemble(
         return np.sqrt(((pred - true) ** 2).mean(axis=0)).round(3).tolist()
 
     report = {
-        "photos": len(truth),
+        "photos": train.photos,
+        "rows": len(truth),
         "rmse_in_sample_db": rmse(model.predict(train.tokens), truth),
         "rmse_out_of_fold_db": rmse(oof, truth),
         "rmse_mean_curve_db": rmse(np.broadcast_to(truth.mean(axis=0), truth.shape), truth),
     }
     if calibration is None:
         calib_pred, calib_true = oof, truth
-        report["calibration"] = f"out-of-fold curves of the {len(truth)} training photos"
+        report["calibration"] = f"out-of-fold curves of the {len(truth)} training rows"
     else:
         calib_pred, calib_true = model.predict(calibration.tokens), np.asarray(calibration.psnr, np.float64)
         report["calibration"] = f"{len(calib_true)} photos of the calibration table"
