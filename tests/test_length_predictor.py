@@ -312,3 +312,14 @@ def test_bad_predictor_options_are_one_line_errors(
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_shipped_predictor_belongs_to_the_shipped_tokenizer():
+    """models/length-predictor-small is what `pretokenize --length-predictor` gets for models/flextok-small: its
+    config names that tokenizer's digest, registers, FSQ levels and the default ladder, and it loads."""
+    repo = Path(__file__).resolve().parents[1]
+    predictor = LengthPredictor.load(repo / "models" / "length-predictor-small")
+    info = read_checkpoint_info(repo / "models" / "flextok-small")
+    assert predictor.cfg.tokenizer_sha256 == info.digest()
+    assert (predictor.cfg.num_registers, predictor.cfg.fsq_levels) == (info.cfg.num_registers, info.cfg.fsq_levels)
+    assert predictor.cfg.ladder == LADDER and predictor.calib_psnr.shape == (50, len(LADDER))
