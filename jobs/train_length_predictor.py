@@ -1,12 +1,14 @@
 """Train a length predictor: tokens -> PSNR at each ladder rung, for `pretokenize --length-predictor`.
 
-    python bench/adaptive.py --list models/flextok-small/train.csv --table-only --output out/adaptive-train
+    python bench/adaptive.py --list models/flextok-small/train.csv --views 0,2,3,4,5,6 --table-only \
+        --output out/adaptive-train-views
     python bench/adaptive.py --table-only --output out/adaptive-heldout        # photos it never trained on
-    flextok train length-predictor --model models/flextok-small --table out/adaptive-train/table.npz \
-        --calibration out/adaptive-heldout/table.npz --output runs/length-predictor
+    flextok train length-predictor --model models/flextok-small --table out/adaptive-train-views/table.npz \
+        --calibration out/adaptive-heldout/table.npz --output runs/length-predictor-views
 
-The table (bench/adaptive.py's table.npz) holds each training photo's tokens and its decoded PSNR at every
-rung; the model must be the tokenizer that made those tokens (its digest goes into the predictor's config).
+The table (bench/adaptive.py's table.npz) holds each row's tokens and its decoded PSNR at every rung; a row is
+a training photo or one view (crop) of it, and the table's `groups` keep a photo's rows in one cross-fitting
+fold. The model must be the tokenizer that made those tokens (its digest goes into the predictor's config).
 `--calibration` is a table of photos the tokenizer did not train on: the psnr:TARGET margin is set on them
 (without it, on the training photos' out-of-fold curves, which are optimistic on the tokenizer's own training
 photos). The fits run on Ray Train CPU workers (pipeline.train.length_predictor), seconds for 200 photos; the
