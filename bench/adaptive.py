@@ -62,6 +62,7 @@ from pipeline.data.length_predictor import LengthPredictor, Rule, calibrated_mar
 from pipeline.data.preprocess import AUGMENT_MODES, augmented_views, decode_image, to_rgb  # noqa: E402
 
 SLOPES = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8]  # LAMBDAs (dB per token) of the equal-slope points
+SCORES = ("psnr", "inception")  # the order of `scorers` and `tables` in main (inception with --inception)
 
 
 def replay(table: np.ndarray, ladder: list[int], criterion: Criterion):
@@ -326,7 +327,8 @@ def main() -> None:
     p.add_argument(
         "--reuse-table",
         action="store_true",
-        help="take step 1 from OUTPUT/table.npz when it holds the same photos, ladder, seeds and decoding",
+        help="take step 1 from OUTPUT/table.npz when it holds the same photos and views, ladder, seeds and decoding "
+        "(and the Inception table, with --inception)",
     )
     args = p.parse_args()
     if args.calibration_folds < 0 or args.calibration_folds == 1:
@@ -339,6 +341,8 @@ def main() -> None:
         p.error(f"--views {args.views!r}: comma-separated augmentation ids")
     if not views or len(set(views)) != len(views) or not set(views) <= {0, 1, *AUGMENT_MODES["tencrop"]}:
         p.error(f"--views {args.views!r}: distinct augmentation ids in 0..11")
+    if (args.live or "").strip().lower().startswith("inception") and not args.inception:
+        p.error("--live inception:... needs --inception (the Inception table to compare with)")
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -395,7 +399,7 @@ def main() -> None:
     criteria += [Criterion("psnr-slope", float(lam)) for lam in args.slopes.split(",") if lam.strip()]
     adaptive = []
     for c in criteria:
-        table = psnr if c.score_name == "psnr" else tables[1]
+        table = tables[SCORES.index(c.score_name)]
         adaptive.append(adaptive_point(psnr, table, ladder, c))
         if args.inception:  # the chosen reconstructions' Inception distance, for every criterion
             cols = np.searchsorted(ladder, adaptive[-1]["k"])
@@ -445,9 +449,7 @@ def main() -> None:
         else:
             crit = parse_adaptive(args.live if ":" in args.live else f"psnr:{args.live}")
         t0 = time.perf_counter()
-        if crit.score_name == "inception" and not args.inception:
-            raise SystemExit("--live inception:... needs --inception (the Inception table to compare with)")
-        scorer, table = (scorers[1], tables[1]) if crit.score_name == "inception" else (PSNRScorer(), psnr)
+        scorer, table = scorers[SCORES.index(crit.score_name)], tables[SCORES.index(crit.score_name)]
         _, result = search_lengths(model, photos, crit, ladder, scorer, seeds, dec, tokens=tokens)
         replayed = replay(table, ladder, crit)
         live = {
